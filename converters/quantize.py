@@ -1,0 +1,109 @@
+"""Affine group quantization in MLX's layout (see docs/PACKAGE.md), in numpy.
+
+w[o, j] = scales[o, j // g] * q[o, j] + biases[o, j // g], q packed little-endian into uint32 words.
+The same bits feed MLX's quantized_matmul and, repacked, ONNX Runtime's MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUPS = (32, 64, 128)
+
+
+@dataclass
+class QuantizedTensor:
+    weight: np.ndarray  # uint32 [out, in * bits / 32]
+    scales: np.ndarray  # float16 | float32 [out, in / group_size]
+    biases: np.ndarray  # same dtype and shape as scales
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.weight.shape[0], self.weight.shape[1] * 32 // self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes + self.scales.nbytes + self.biases.nbytes
+
+    def dequantize(self, dtype=np.float32) -> np.ndarray:
+        q = unpack_bits(self.weight, self.bits).astype(np.float32)
+        out, n = q.shape
+        q = q.reshape(out, n // self.group_size, self.group_size)
+        w = q * self.scales.astype(np.float32)[..., None] + self.biases.astype(np.float32)[..., None]
+        return w.reshape(out, n).astype(dtype)
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """Packs unsigned integers q [rows, n] (each < 2**bits) into uint32 words, value i of a row
+    occupying bits [i*bits, (i+1)*bits) of the row's little-endian bit stream."""
+    q = np.ascontiguousarray(q, dtype=np.uint8)
+    rows, n = q.shape
+    if (n * bits) % 32:
+        raise ValueError(f"a row of {n} values at {bits} bits does not fill whole uint32 words")
+    if bits == 8:
+        return q.view(np.uint32).reshape(rows, n // 4)
+    if bits == 4:
+        pairs = q.reshape(rows, n // 2, 2)
+        return (pairs[..., 0] | (pairs[..., 1] << 4)).view(np.uint32).reshape(rows, n // 8)
+    stream = np.unpackbits(q[..., None], axis=-1, bitorder="little")[..., :bits]
+    packed = np.packbits(stream.reshape(rows, n * bits), axis=-1, bitorder="little")
+    return packed.view(np.uint32).reshape(rows, n * bits // 32)
+
+
+def unpack_bits(w: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of pack_bits: uint32 [rows, words] -> uint8 [rows, words * 32 / bits]."""
+    w = np.ascontiguousarray(w, dtype=np.uint32)
+    rows = w.shape[0]
+    b = w.view(np.uint8).reshape(rows, -1)
+    if bits == 8:
+        return b.copy()
+    if bits == 4:
+        return np.stack([b & 0xF, b >> 4], axis=-1).reshape(rows, -1)
+    stream = np.unpackbits(b, axis=-1, bitorder="little")
+    n = stream.shape[1] // bits
+    vals = stream.reshape(rows, n, bits)
+    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
+    return (vals.astype(np.uint16) * weights).sum(-1).astype(np.uint8)
+
+
+def quantize(w: np.ndarray, bits: int, group_size: int, scale_dtype=np.float16) -> QuantizedTensor:
+    """Round-to-nearest min/max affine quantization of w [out, in] along the input dimension.
+
+    Follows MLX's scheme: scale = (max - min) / (2**bits - 1), with the bias pinned to the group's
+    extreme of larger magnitude so that it is exact, then q = round((w - bias) / scale).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
+    if group_size not in SUPPORTED_GROUPS:
+        raise ValueError(f"group size must be one of {SUPPORTED_GROUPS}")
+    w = np.asarray(w, dtype=np.float32)
+    out, n = w.shape
+    if n % group_size:
+        raise ValueError(f"input dimension {n} is not a multiple of the group size {group_size}")
+    g = w.reshape(out, n // group_size, group_size)
+    wmax = g.max(-1)
+    wmin = g.min(-1)
+    levels = (1 << bits) - 1
+    scale = (wmax - wmin) / levels
+    scale = np.where(scale == 0, 1e-8, scale)
+    # Keep whichever end has the larger magnitude exactly representable (MLX does the same).
+    use_min = np.abs(wmin) > np.abs(wmax)
+    edge = np.where(use_min, wmin, wmax)
+    q_edge = np.where(use_min, 0.0, float(levels))
+    # Round the scale to the storage dtype first, so that q is computed against what is stored.
+    scale = scale.astype(scale_dtype).astype(np.float32)
+    scale = np.where(scale == 0, np.float32(np.finfo(np.float16).tiny), scale)
+    bias = (edge - q_edge * scale).astype(scale_dtype).astype(np.float32)
+    q = np.clip(np.rint((g - bias[..., None]) / scale[..., None]), 0, levels).astype(np.uint8)
+    return QuantizedTensor(
+        weight=pack_bits(q.reshape(out, n), bits),
+        scales=scale.astype(scale_dtype),
+        biases=bias.astype(scale_dtype),
+        bits=bits,
+        group_size=group_size,
+    )

@@ -1,0 +1,1 @@
+"""edgeinfer: an on-device LLM runtime."""

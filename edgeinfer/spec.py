@@ -1,0 +1,209 @@
+"""One normalized description of a decoder-only transformer.
+
+Every supported architecture (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3) is the same decoder with a
+handful of switches. A Hugging Face ``config.json`` or GGUF metadata is normalized into an
+``ArchSpec`` once, at conversion; the runtime reads only the spec from the package manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import EdgeInferError
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+
+# HF model_type -> our arch name.
+_HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
+
+
+@dataclass
+class ArchSpec:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Sliding-window layers may use their own rope base (Gemma 3: 10k local, 1M global).
+    rope_local_theta: float | None = None
+    # None, or {"type": "linear"|"llama3"|"yarn", "factor": ..., ...} as in HF configs.
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before rope (Qwen3, Gemma 3)
+    sandwich_norm: bool = False  # extra norms after attention and after the MLP (Gemma 3)
+    mlp_act: str = "silu"  # "silu" or "gelu_tanh"
+    embed_scale: float = 1.0  # Gemma multiplies embeddings by sqrt(hidden_size)
+    attn_scale: float = 0.0  # softmax scale; 0 means head_dim ** -0.5
+    sliding_window: int | None = None
+    layer_types: list[str] = field(default_factory=list)  # "full" or "sliding" per layer
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHS:
+            raise EdgeInferError(f"unknown architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+        if not self.layer_types:
+            kind = "sliding" if self.sliding_window else "full"
+            self.layer_types = [kind] * self.num_layers
+        if len(self.layer_types) != self.num_layers:
+            raise EdgeInferError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if self.attn_scale == 0.0:
+            self.attn_scale = self.head_dim ** -0.5
+        if self.num_heads % self.num_kv_heads:
+            raise EdgeInferError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.mlp_act not in ("silu", "gelu_tanh"):
+            raise EdgeInferError(f"unsupported MLP activation {self.mlp_act!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ArchSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise EdgeInferError(f"architecture spec has unknown keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    # Derived sizes used by the runtime and the memory planner.
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def rope_base(self, layer: int) -> float:
+        if self.layer_types[layer] == "sliding" and self.rope_local_theta is not None:
+            return self.rope_local_theta
+        return self.rope_theta
+
+    def rope_scaling_for(self, layer: int) -> dict | None:
+        # Gemma 3 scales only the global layers' rope.
+        if self.layer_types[layer] == "sliding" and self.rope_local_theta is not None:
+            return None
+        return self.rope_scaling
+
+
+def _require(cfg: dict, key: str, where: str):
+    if key not in cfg or cfg[key] is None:
+        raise EdgeInferError(f"{where} is missing the required key {key!r}")
+    return cfg[key]
+
+
+def _rope_from_hf(cfg: dict, arch: str) -> tuple[float, float | None, dict | None]:
+    """Returns (theta, local_theta, scaling) from either the old (rope_theta/rope_scaling) or the
+    transformers 5 (rope_parameters) form of a config."""
+    params = cfg.get("rope_parameters")
+    local_theta = cfg.get("rope_local_base_freq")
+    if isinstance(params, dict) and ("full_attention" in params or "sliding_attention" in params):
+        full = params.get("full_attention") or {}
+        local = params.get("sliding_attention") or {}
+        theta = float(full.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        if local:
+            local_theta = float(local.get("rope_theta", local_theta or theta))
+        scaling = full
+    elif isinstance(params, dict):
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = params
+    else:
+        theta = float(cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or {}
+    scaling = dict(scaling or {})
+    kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("rope_theta", None)
+    if kind == "default":
+        return theta, (float(local_theta) if local_theta else None), None
+    if kind not in ("linear", "llama3", "yarn"):
+        raise EdgeInferError(f"unsupported rope scaling type {kind!r}")
+    scaling["type"] = kind
+    return theta, (float(local_theta) if local_theta else None), scaling
+
+
+def spec_from_hf_config(cfg: dict, where: str = "config.json") -> ArchSpec:
+    """Normalizes a Hugging Face config.json (as a dict) into an ArchSpec."""
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise EdgeInferError(f"{where} is missing the required key 'model_type'")
+    if model_type == "gemma3" and "text_config" in cfg:
+        cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+    arch = _HF_MODEL_TYPES.get(model_type)
+    if arch is None:
+        raise EdgeInferError(
+            f"{where}: unknown architecture {model_type!r}; supported: {', '.join(sorted(_HF_MODEL_TYPES))}"
+        )
+    hidden = int(_require(cfg, "hidden_size", where))
+    heads = int(_require(cfg, "num_attention_heads", where))
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    n_layers = int(_require(cfg, "num_hidden_layers", where))
+    theta, local_theta, scaling = _rope_from_hf(cfg, arch)
+    tie = cfg.get("tie_word_embeddings")
+    if tie is None:
+        tie = arch == "gemma3"
+    spec = dict(
+        arch=arch,
+        vocab_size=int(_require(cfg, "vocab_size", where)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(cfg, "intermediate_size", where)),
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_local_theta=local_theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_embeddings=bool(tie),
+    )
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    spec["mlp_act"] = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}.get(
+        act, act
+    )
+    if arch == "qwen2":
+        spec["attention_bias"] = True
+    elif arch in ("llama", "mistral", "qwen3"):
+        spec["attention_bias"] = bool(cfg.get("attention_bias", False))
+    window = cfg.get("sliding_window")
+    if arch == "qwen2" or arch == "qwen3":
+        # Qwen configs carry a sliding_window that is off unless use_sliding_window is set.
+        if not cfg.get("use_sliding_window", False):
+            window = None
+        elif cfg.get("max_window_layers") is not None:
+            mwl = int(cfg["max_window_layers"])
+            spec["layer_types"] = ["full" if i < mwl else "sliding" for i in range(n_layers)]
+    if arch == "qwen3":
+        spec["qk_norm"] = True
+    if arch == "gemma3":
+        spec["qk_norm"] = True
+        spec["sandwich_norm"] = True
+        spec["embed_scale"] = math.sqrt(hidden)
+        spec["attn_scale"] = float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5
+        spec["final_logit_softcap"] = cfg.get("final_logit_softcapping")
+        spec["attn_logit_softcap"] = cfg.get("attn_logit_softcapping")
+        if spec["rope_local_theta"] is None:
+            spec["rope_local_theta"] = 10000.0
+    layer_types = cfg.get("layer_types")
+    if layer_types:
+        spec["layer_types"] = ["sliding" if t == "sliding_attention" else "full" for t in layer_types]
+    elif arch == "gemma3":
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        spec["layer_types"] = ["full" if (i + 1) % pattern == 0 else "sliding" for i in range(n_layers)]
+    spec["sliding_window"] = int(window) if window else None
+    if spec["sliding_window"] is None and "sliding" in spec.get("layer_types", []):
+        spec["layer_types"] = ["full"] * n_layers
+    return ArchSpec(**spec)
