@@ -1,1 +1,15 @@
-"""edgeinfer: an on-device LLM runtime."""
+"""edgeinfer: an on-device LLM runtime (MLX and ONNX Runtime backends)."""
+
+__version__ = "0.1.0"
+
+from .errors import EdgeInferError  # noqa: E402
+
+
+def load(path, backend: str = "mlx", **opts):
+    """Loads an edgeinfer package: ``m = edgeinfer.load(PKG); m.generate("Hello")``."""
+    from .model import load as _load
+
+    return _load(path, backend=backend, **opts)
+
+
+__all__ = ["EdgeInferError", "load", "__version__"]

@@ -1,0 +1,200 @@
+"""``edgeinfer.load(PKG)``: a package, its tokenizer and a backend, with generation on top."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import EdgeInferError
+from .package import open_package
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamingDetokenizer, Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens found already in the KV cache (chat turns)
+    prefill_seconds: float = 0.0
+    ttft: float = 0.0
+    generated_tokens: int = 0
+    decode_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    finish_reason: str = ""
+
+    @property
+    def prefill_tps(self) -> float:
+        n = self.prompt_tokens - self.reused_tokens
+        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first token comes from prefill; the rest are decode steps
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tok ({self.prefill_tps:.1f} tok/s), TTFT {self.ttft * 1000:.0f} ms, "
+            f"decode {self.generated_tokens} tok at {self.decode_tps:.1f} tok/s, "
+            f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB"
+        )
+
+
+def peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+@dataclass
+class GenerationConfig:
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    prefill_chunk: int = 512
+
+
+class Model:
+    def __init__(self, path: str | Path, backend: str = "mlx", verify: bool = False, **backend_opts):
+        self.package = open_package(path, verify=verify)
+        self.spec = self.package.spec
+        self.tokenizer = Tokenizer(self.package.path, self.package.tokenizer_info)
+        if backend not in ("mlx", "auto"):
+            raise EdgeInferError(f"backend {backend!r} is not available; this build has: mlx")
+        from .backends.mlx_backend import MLXModel
+
+        self.backend = MLXModel(self.package, **backend_opts)
+        self.cache = self.backend.new_cache()
+        self.cache_tokens: list[int] = []  # the token ids whose keys/values the cache holds
+        self.stats = GenerationStats()
+
+    @property
+    def name(self) -> str:
+        return self.package.name
+
+    # -- low level --------------------------------------------------------------------------------
+    def logits(self, ids: list[int]):
+        """Logits [len(ids), vocab] of a fresh forward pass over ids (as numpy float32)."""
+        import numpy as np
+
+        cache = self.backend.new_cache()
+        return np.array(self.backend.forward(ids, cache)[0])
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.cache_tokens = []
+
+    def _prefill(self, ids: list[int], chunk: int):
+        """Brings the cache to hold exactly ``ids``, reusing the longest common prefix already there;
+        returns the logits of the last position. At least one token is always run."""
+        common = 0
+        limit = min(len(ids) - 1, len(self.cache_tokens), self.cache.offset)
+        while common < limit and self.cache_tokens[common] == ids[common]:
+            common += 1
+        self.cache.trim_to(common)
+        self.cache_tokens = self.cache_tokens[:common]
+        rest = ids[common:]
+        logits = None
+        for i in range(0, len(rest), chunk):
+            part = rest[i : i + chunk]
+            logits = self.backend.forward(part, self.cache)
+            self.cache_tokens += part
+        return logits[:, -1, :], common
+
+    # -- generation -------------------------------------------------------------------------------
+    def stream_ids(self, ids: list[int], config: GenerationConfig) -> Iterator[int]:
+        """Yields generated token ids (EOS excluded); stats land in ``self.stats``."""
+        import mlx.core as mx
+
+        if not ids:
+            raise EdgeInferError("the prompt is empty")
+        if len(ids) >= self.cache.max_tokens:
+            raise EdgeInferError(f"the prompt has {len(ids)} tokens; this model's context holds {self.cache.max_tokens}")
+        sampler = Sampler(config.sampling)
+        st = self.stats = GenerationStats(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        if hasattr(mx, "reset_peak_memory"):
+            mx.reset_peak_memory()
+        last, st.reused_tokens = self._prefill(ids, config.prefill_chunk)
+        history = list(ids)
+        y = sampler(last, history)
+        mx.eval(y)
+        t1 = time.perf_counter()
+        st.prefill_seconds = st.ttft = t1 - t0
+        room = self.cache.max_tokens - self.cache.offset
+        budget = min(config.max_tokens, room)
+        st.finish_reason = "length"
+        try:
+            for n in range(budget):
+                tok = y.item()
+                if tok in self.tokenizer.eos_token_ids:
+                    st.finish_reason = "stop"
+                    break
+                st.generated_tokens += 1
+                history.append(tok)
+                if n + 1 < budget:
+                    # Queue the next step before handing this token out, so the device works while
+                    # the caller prints (mlx-lm's double buffering).
+                    logits = self.backend.forward([tok], self.cache, lazy=True)
+                    self.cache_tokens.append(tok)
+                    y = sampler(logits[:, -1, :], history)
+                    mx.async_eval(y)
+                yield tok
+        finally:
+            st.decode_seconds = time.perf_counter() - t1
+            if room <= config.max_tokens and st.finish_reason == "length":
+                st.finish_reason = "context"
+            mem = mx.get_peak_memory() if hasattr(mx, "get_peak_memory") else 0
+            st.peak_memory_bytes = max(mem, peak_rss_bytes())
+
+    def stream_text(self, ids: list[int], config: GenerationConfig) -> Iterator[str]:
+        """Yields text deltas; honours stop strings (the text before the first stop string is kept)."""
+        detok = StreamingDetokenizer(self.tokenizer)
+        stops = [s for s in config.stop if s]
+        hold = max((len(s) for s in stops), default=0)
+        pending = ""
+        gen = self.stream_ids(ids, config)
+        for tok in gen:
+            pending += detok.add(tok)
+            if stops:
+                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    if pending[:cut]:
+                        yield pending[:cut]
+                    self.stats.finish_reason = "stop"
+                    gen.close()
+                    return
+                safe = len(pending) - (hold - 1)
+                if safe > 0:
+                    yield pending[:safe]
+                    pending = pending[safe:]
+            elif pending:
+                yield pending
+                pending = ""
+        pending += detok.flush()
+        if pending:
+            yield pending
+
+    def _ids(self, prompt: str | list[dict], chat: bool | None) -> list[int]:
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        if chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def stream(self, prompt: str | list[dict], max_tokens: int = 256, chat: bool = False, stop=(), **sampling) -> Iterator[str]:
+        """Streams the continuation of ``prompt`` (a string, or chat messages)."""
+        config = GenerationConfig(max_tokens=max_tokens, sampling=SamplingParams(**sampling), stop=list(stop))
+        yield from self.stream_text(self._ids(prompt, chat), config)
+
+    def generate(self, prompt: str | list[dict], max_tokens: int = 256, chat: bool = False, stop=(), **sampling) -> str:
+        return "".join(self.stream(prompt, max_tokens=max_tokens, chat=chat, stop=stop, **sampling))
+
+
+def load(path: str | Path, backend: str = "mlx", **opts) -> Model:
+    """Loads an edgeinfer package folder."""
+    return Model(path, backend=backend, **opts)
