@@ -2,7 +2,11 @@
 
 __version__ = "0.1.0"
 
+from . import _blas  # noqa: E402
 from .errors import EdgeInferError  # noqa: E402
+
+# Before anything imports MLX: its Linux CPU wheel is far faster with OpenBLAS loaded first.
+_blas.preload()
 
 
 def load(path, backend: str = "mlx", **opts):

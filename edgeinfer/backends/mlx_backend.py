@@ -10,16 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .. import _blas
+import mlx.core as mx
+import numpy as np
 
-_blas.preload()
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..errors import EdgeInferError  # noqa: E402
-from ..package import Package  # noqa: E402
-from ..spec import ArchSpec  # noqa: E402
+from ..errors import EdgeInferError
+from ..package import Package
+from ..spec import ArchSpec
 
 
 def rope_freqs(spec: ArchSpec, layer: int) -> tuple[float | None, float, mx.array | None]:

@@ -1,0 +1,168 @@
+"""The ``edgeinfer`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from . import __version__
+from .errors import EdgeInferError
+
+EPILOG = """examples:
+  edgeinfer chat                                     chat with the default model (SmolLM2-135M-Instruct)
+  edgeinfer convert HuggingFaceTB/SmolLM2-135M-Instruct -o models/smollm2 --bits 4
+  edgeinfer convert model.Q4_1.gguf -o models/mine   GGUF weights keep their quantization, losslessly
+  edgeinfer generate -m models/smollm2 -p "Once upon a time" --max-tokens 64
+  edgeinfer eval -m models/smollm2 ppl --data wiki.test.raw --window 512 --max-windows 8
+
+-m accepts a package folder or a catalog name (smollm2-135m-instruct, gemma3-270m), which is fetched and
+converted into models/ on first use. Errors print one line and exit with status 2."""
+
+
+def _add_model(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("-m", "--model", required=required, default=None,
+                   help="package folder or catalog name" + ("" if required else " (default: the catalog's default model)"))
+    p.add_argument("--backend", default="auto", choices=["auto", "mlx"], help="runtime backend (default: auto)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
+    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability (default 0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for recently seen tokens (default 1: off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears (repeatable)")
+
+
+def _sampling(a) -> dict:
+    return dict(temp=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="edgeinfer", description="Run language models well on the machine in front of you.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=f"edgeinfer {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("convert", help="convert a Hugging Face model or GGUF file into a package",
+                       description="Convert SRC (a Hugging Face repo id, a local Hugging Face folder, a catalog name or a .gguf file) "
+                                   "into an edgeinfer package folder OUT. Writing is atomic: a failed run leaves no OUT.")
+    p.add_argument("src", help="HF repo id, local HF folder, catalog name or .gguf file")
+    p.add_argument("-o", "--out", required=True, help="the package folder to create")
+    p.add_argument("--bits", type=int, choices=[4, 8, 16, 32], default=None,
+                   help="weight bits: 4 or 8 (affine groups), 16 (fp16), 32 (fp32). Default: 4 for HF sources; "
+                        "GGUF keeps its own quantized tensors and stores float ones in fp16")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, help="quantization group size (default 64; 32 for GGUF)")
+    p.add_argument("--name", default=None, help="model name recorded in the manifest")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       description="Stream a continuation of a prompt, then one stats line (to stderr).")
+    _add_model(p)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt ('-' reads it from stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system prompt (implies --chat)")
+    p.add_argument("--no-stats", action="store_true", help="do not print the stats line")
+    _add_sampling(p)
+
+    p = sub.add_parser("chat", help="chat with a model (interactive, or one prompt per line from a pipe)",
+                       description="Interactive chat in a terminal. With stdin not a terminal, reads one prompt per line "
+                                   "and prints one answer per line.")
+    _add_model(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p, max_tokens=512)
+
+    p = sub.add_parser("eval", help="evaluate a package (perplexity)", description="Evaluate a package.")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    esub = p.add_subparsers(dest="task", metavar="TASK")
+    esub.required = True
+    pp = esub.add_parser("ppl", help="perplexity over non-overlapping token windows of a text file")
+    pp.add_argument("--data", required=True, help="UTF-8 text file (e.g. wikitext-2 raw test)")
+    pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    pp.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    pp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def _load(a, progress=True):
+    from edgeinfer.apps.resolve import resolve_package
+
+    from .model import load
+
+    return load(resolve_package(a.model, progress=progress), backend="mlx" if a.backend == "auto" else a.backend)
+
+
+def cmd_convert(a) -> int:
+    from edgeinfer.converters.convert import convert
+
+    command = "edgeinfer " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    out = convert(a.src, a.out, bits=a.bits, group_size=a.group_size, force=a.force, command=command,
+                  progress=not a.quiet, name=a.name)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(a) -> int:
+    m = _load(a)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if a.system or a.chat:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+        stream = m.stream(msgs, max_tokens=a.max_tokens, stop=a.stop, **_sampling(a))
+    else:
+        stream = m.stream(prompt, max_tokens=a.max_tokens, stop=a.stop, **_sampling(a))
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if not a.no_stats:
+        print(m.stats.line(), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from edgeinfer.apps.chat import run_chat
+
+    return run_chat(a)
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import perplexity, read_text
+
+    text = read_text(a.data)
+    m = _load(a)
+    r = perplexity(m, text, window=a.window, max_windows=a.max_windows, progress=not a.quiet)
+    if a.json:
+        print(json.dumps({"model": str(m.package.path), "data": a.data, **r.to_dict()}))
+    else:
+        print(f"perplexity {r.ppl:.4f} over {r.windows} of {r.total_windows} windows of {r.window} tokens "
+              f"({r.predicted_tokens} predicted tokens, {r.seconds:.1f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}[a.cmd](a)
+    except EdgeInferError as e:
+        print(f"edgeinfer: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
