@@ -129,7 +129,7 @@ def convert(
 
 
 def _write_package(source, tmp: Path, bits, group, command, progress, name, chat_template) -> None:
-    notes = list(getattr(source, "notes", []))
+    notes: list[str] = []
     stored: list[tuple[str, np.ndarray]] = []
     qinfo: dict[str, tuple[int, int]] = {}
     t0 = time.time()
@@ -144,6 +144,7 @@ def _write_package(source, tmp: Path, bits, group, command, progress, name, chat
             stored.append((tname, s))
         bar.update(1)
     bar.close()
+    notes = list(getattr(source, "notes", [])) + notes  # the source adds notes while it streams tensors
     names = {n for n, _ in stored}
     if "embed.weight" not in names:
         raise EdgeInferError(f"{source.path} has no token embedding tensor")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import urllib.parse
+import urllib.error
+import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
@@ -315,25 +317,41 @@ def _quiet_hub(progress: bool) -> Iterator[None]:
                 enable_progress_bars()
 
 
-def _hub_probe(endpoint: str, timeout: float) -> str | None:
-    """None when a TCP connection to the hub endpoint opens within ``timeout``, else why not.
+def _hub_probe(endpoint: str, repo_id: str, timeout: float) -> str | None:
+    """None when the hub answers an HTTP request about ``repo_id`` within ``timeout``, else why not.
 
-    With a proxy configured the endpoint is not dialled directly, so the probe is skipped and the
-    hub request's own timeout applies.
+    huggingface_hub itself waits without limit for a server that accepts the connection and then says
+    nothing (its HTTP client has no read timeout), and a firewall that drops packets costs its full
+    connect timeout; this probe bounds both. Any HTTP answer, even an error status, counts as
+    reachable, and so does a TLS failure (urllib and the hub client may trust different CA bundles):
+    snapshot_download then reports those itself. Proxies from the environment apply as usual.
     """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/revision/main"
+    context = None
+    if url.startswith("https:"):
+        try:
+            import certifi
+
+            context = ssl.create_default_context(cafile=certifi.where())
+        except Exception:
+            context = ssl.create_default_context()
+    req = urllib.request.Request(url, headers={"User-Agent": "edgeinfer-fetch"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
+            resp.read(1)
+    except urllib.error.HTTPError:
         return None
-    parts = urllib.parse.urlsplit(endpoint)
-    host = parts.hostname
-    if not host:
-        return f"the hub endpoint {endpoint!r} is not a URL"
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return f"the hub endpoint {endpoint!r} has a bad port"
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError:
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):
+            return None
+        if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+            return "the hub is unreachable (timed out)"
+        return "the hub is unreachable"
+    except ssl.SSLError:
+        return None
+    except (TimeoutError, socket.timeout):
+        return "the hub is unreachable (timed out)"
+    except (OSError, ValueError, http.client.HTTPException):
         return "the hub is unreachable"
     return None
 
@@ -400,7 +418,8 @@ def _fetch_hub(repo_id: str, src: dict, progress: bool) -> Path:
 
     offline = bool(constants.HF_HUB_OFFLINE) or _env_true("HF_HUB_OFFLINE")
     timeout = _hub_timeout()
-    unreachable = None if offline else _hub_probe(constants.ENDPOINT, timeout)
+    endpoint = constants.ENDPOINT  # $HF_ENDPOINT or the public hub
+    unreachable = None if offline else _hub_probe(endpoint, repo_id, timeout)
     local_only = offline or unreachable is not None
 
     try:
@@ -411,6 +430,7 @@ def _fetch_hub(repo_id: str, src: dict, progress: bool) -> Path:
                 ignore_patterns=HUB_IGNORE_PATTERNS,
                 local_files_only=local_only,
                 etag_timeout=timeout,
+                endpoint=endpoint,
             )
     except hf_errors.GatedRepoError:
         raise _SourceFailed(

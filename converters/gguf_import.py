@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -67,6 +66,12 @@ _FLOAT = ("F32", "F16", "BF16")
 SUPPORTED_TYPES = _FLOAT + _LOSSLESS + _REQUANTIZED
 
 
+class _Truncated(ValueError):
+    def __init__(self, needed: int, size: int):
+        super().__init__(f"needs bytes up to offset {needed} but the file has {size}")
+        self.needed, self.size = needed, size
+
+
 def _reader_class():
     """gguf.GGUFReader, made about 5x faster to open on big vocabularies.
 
@@ -88,7 +93,7 @@ def _reader_class():
             dt = np.dtype(dtype)
             end = offset + dt.itemsize * count
             if end > plain.shape[0]:
-                raise ValueError(f"needs bytes up to offset {end} but the file has {plain.shape[0]}")
+                raise _Truncated(end, plain.shape[0])
             arr = plain[offset:end].view(dt)[:count]
             order = self.byte_order if override_order is None else override_order
             return arr if order == "I" else arr.view(arr.dtype.newbyteorder(order))
@@ -170,6 +175,10 @@ class GGUFSource:
             raise EdgeInferError(f"{where} is not a GGUF file (it does not start with the GGUF magic bytes)")
         try:
             self._reader = _open_reader(self.path)
+        except _Truncated as e:
+            raise EdgeInferError(
+                f"{where} is truncated: its contents need bytes up to offset {e.needed} but the file has {e.size}"
+            ) from None
         except Exception as e:  # GGUFReader raises ValueError, KeyError, IndexError... on bad files
             raise EdgeInferError(f"{where} is truncated or is not a valid GGUF file ({e})") from None
         for t in self._reader.tensors:

@@ -126,8 +126,7 @@ def special_ids(meta: Mapping[str, Any]) -> tuple[int | None, list[int], bool, s
 
 def build_tokenizer(meta: Mapping[str, Any], where: str) -> GGUFTokenizer:
     """Builds the tokenizer JSON from GGUF metadata; ``where`` names the file in error messages."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
+    from tokenizers import AddedToken
 
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "GGUF keeps its own quantized tensors and stores float ones in fp16")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, help="quantization group size (default 64; 32 for GGUF)")
     p.add_argument("--name", default=None, help="model name recorded in the manifest")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a jinja chat template to use when the source has none")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -105,9 +107,12 @@ def _load(a, progress=True):
 def cmd_convert(a) -> int:
     from edgeinfer.converters.convert import convert
 
+    from .evaluate import read_text
+
     command = "edgeinfer " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    template = read_text(a.chat_template) if a.chat_template else None
     out = convert(a.src, a.out, bits=a.bits, group_size=a.group_size, force=a.force, command=command,
-                  progress=not a.quiet, name=a.name)
+                  progress=not a.quiet, name=a.name, chat_template=template)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
