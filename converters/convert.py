@@ -104,28 +104,56 @@ def convert(
         bits = 16 if source.kind == "gguf" else 4  # GGUF weights keep their own quantization
     group = group_size or (32 if source.kind == "gguf" else 64)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
+        # Inside the try: an unwritable destination becomes a one-line error, and a Ctrl-C that lands
+        # as mkdir returns still removes the folder.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(out)
+        tmp.mkdir()
         _write_package(source, tmp, bits, group, command, progress, name, chat_template)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists() or out.is_symlink():
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             tmp.rename(out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise EdgeInferError(f"no space left to write {out} ({e.strerror}); nothing was written") from None
-        raise EdgeInferError(f"could not write {out}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        _remove(tmp)
+        if old.exists() and not out.exists():
+            old.rename(out)  # interrupted between the two renames of --force: put the old package back
+        if isinstance(e, OSError):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise EdgeInferError(f"no space left to write {out} ({e.strerror}); nothing was written") from None
+            raise EdgeInferError(f"could not write {out}: {e.strerror or e}") from None
         raise
     return out
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Removes hidden leftovers of conversions to OUT that were killed (SIGKILL leaves no cleanup)."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(p)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_package(source, tmp: Path, bits, group, command, progress, name, chat_template) -> None:

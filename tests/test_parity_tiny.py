@@ -2,10 +2,11 @@
 supported architecture (see conftest.py for the checkpoints).
 
 Tolerances (measured on MLX 0.32 CPU / torch 2.13 CPU; the measured worst cases are in the comments):
-- fp32 package vs transformers fp32: atol 1e-4 on logits of scale ~3-5 (measured <= 5e-6).
+- fp32 package vs transformers fp32: atol 1e-4 on logits of scale ~3-5 (measured <= 3e-6; qwen2, whose
+  hidden size is 128, 1.3e-5).
 - fp16 package vs transformers on the fp16-rounded weights: atol 1e-4 (the runtime computes in fp32
   on CPU, so the only difference from transformers is summation order); vs the original fp32 weights:
-  max |diff| / max |logit| < 1% (measured <= 0.1%).
+  max |diff| / max |logit| < 1% (measured 0.16-0.36%).
 - 8-bit / 4-bit packages vs transformers on the *dequantized* package weights: atol 1e-4 (the
   quantized path is exact: what is stored is what runs), also through MLX's quantized_matmul kernels;
   vs the original weights: see QUANT_REL_RMS_TOL (these random models amplify weight error ~10x).
@@ -128,7 +129,7 @@ def test_fp32_logits_match_transformers(arch, edge_models, ref_logits):
     ref = ref_logits(arch)
     assert ours.shape == ref.shape == (len(IDS), ref.shape[1])
     assert ours.dtype == np.float32
-    # atol 1e-4 on logits whose magnitude is ~3-5: measured <= 5e-6 on every arch.
+    # atol 1e-4 on logits whose magnitude is ~3-5: measured <= 1.3e-5 on every arch.
     np.testing.assert_allclose(ours, ref, rtol=0, atol=FP32_ATOL)
 
 
@@ -169,7 +170,7 @@ def test_rope_scaling_matters(arch, tiny_package, ref_logits):
 def test_fp16_logits(arch, tiny_models, tiny_package, edge_models, ref_logits):
     pkg = tiny_package(arch, 16)
     ours = edge_models(arch, 16).logits(IDS)
-    # Against the original fp32 weights: only fp16 rounding of the matrices (measured <= 0.1%).
+    # Against the original fp32 weights: only fp16 rounding of the matrices (measured <= 0.36%).
     assert rel_err(ours, ref_logits(arch)) < 0.01
     # Against transformers running the very weights the package stores: float noise only.
     ref16 = hf_logits(hf_with_package_weights(tiny_models, pkg, arch), IDS)
@@ -236,7 +237,7 @@ def test_incremental_decoding_matches_full_forward(arch, edge_models):
 # their large init (chosen so that greedy decoding does not collapse) makes them far more sensitive
 # than trained models. So the logit bounds below only catch gross damage (unrelated logits have rel
 # RMS ~1.4); exactness of the quantized path is proven by the comparison with transformers running the
-# dequantized weights, at 1e-4 (measured <= 9e-6), and weight-level quality by test_quantized_weights.
+# dequantized weights, at 1e-4 (measured <= 1.3e-5), and weight-level quality by test_quantized_weights.
 QUANT_REL_RMS_TOL = {8: 0.1, 4: 0.9}
 QUANT_REL_MAX_TOL = {8: 0.15}
 
