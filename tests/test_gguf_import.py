@@ -463,3 +463,27 @@ def test_gemma_tokenizer(gemma):
     for line in wiki_lines(200) + ["tabs\tand  spaces\n\n", "emoji 🤖🎉", "\u00a0\u200b", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]:
         assert tok.decode(ids(line), skip_special_tokens=False) == line
     assert tok.decode(ids("<start_of_turn>user\nhi"), skip_special_tokens=True) == "user\nhi"
+
+
+@pytest.mark.parametrize("case", ["truncated", "unsupported-type"])
+def test_bad_gguf_through_the_cli(tmp_path, case):
+    """The same errors as the user sees them: one line, exit status 2, no package left behind."""
+    import subprocess
+    import sys
+
+    if case == "truncated":
+        full = write_gguf(tmp_path / "full.gguf").read_bytes()
+        src = tmp_path / "cut.gguf"
+        src.write_bytes(full[: len(full) // 2])
+    else:
+        t = default_tensors()
+        t["blk.0.ffn_down.weight"] = (_random_kquant_blocks(QT.Q2_K, HIDDEN, 256), QT.Q2_K)
+        src = write_gguf(tmp_path / "q2k.gguf", tensors=t)
+    out = tmp_path / "pkg"
+    r = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "convert", str(src), "-o", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"edgeinfer: {src}"), r.stderr
+    assert ("truncated" if case == "truncated" else "Q2_K") in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".pkg*"))
