@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from edgeinfer.errors import EdgeInferError
+from edgeinfer.package import sha256_file
 
 __all__ = [
     "HUB_ALLOW_PATTERNS",
@@ -224,14 +225,6 @@ def model_entry(name: str, catalog: dict | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _say(progress: bool, msg: str) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# edgeinfer loads OpenBLAS before MLX is imported; import the backend first so that this happens
-# before torch brings its own libraries in.
-import edgeinfer.backends.mlx_backend  # noqa: F401,E402
+# OpenBLAS must be loaded before MLX (edgeinfer does it on import) and before torch brings its own BLAS.
+from edgeinfer import _blas  # noqa: E402
+
+_blas.preload()
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -301,6 +302,18 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env.pop("PYTHONWARNINGS", None)
     return env
+
+
+# -- shared evaluation data ------------------------------------------------------------------------
+WIKITEXT = Path(os.environ.get("EDGEINFER_WIKITEXT") or ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> str:
+    """The wikitext-2 raw test split, read where it lies (../shared beside the repository)."""
+    if not WIKITEXT.is_file():
+        pytest.fail(f"{WIKITEXT} is missing: the shared data sits beside the repository (or set EDGEINFER_WIKITEXT)")
+    return WIKITEXT.read_text(encoding="utf-8")
 
 
 # -- real models ------------------------------------------------------------------------------------

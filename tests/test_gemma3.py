@@ -3,15 +3,13 @@ Q8_0 and Q6_K tensors; sliding-window layers, q/k norms, sandwich norms, a 262k 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import edgeinfer
-from edgeinfer.evaluate import perplexity, read_text
+from edgeinfer.evaluate import perplexity
 
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +53,8 @@ def test_generates_coherent_text(model, prompt, expected):
     assert expected in out, out
 
 
-def test_perplexity_on_a_few_windows(model):
-    r = perplexity(model, read_text(WIKI), window=512, max_windows=2, progress=False)
+def test_perplexity_on_a_few_windows(model, wikitext):
+    r = perplexity(model, wikitext, window=512, max_windows=2, progress=False)
     # each window starts with BOS (Gemma expects one), so all 512 tokens of a window are predicted
     assert r.predicted_tokens == 2 * 512
     assert 5 < r.ppl < 40, r.ppl

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,6 @@ from converters.gguf_tokenizer import build_tokenizer, sentencepiece_merges  # n
 from converters.quantize import QuantizedTensor  # noqa: E402
 from edgeinfer.errors import EdgeInferError  # noqa: E402
 
-WIKI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def wiki_lines(n: int) -> list[str]:
-    for p in (WIKI, Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")):
-        if p.is_file():
-            lines = [ln for ln in p.read_text(encoding="utf-8").split("\n") if ln.strip()]
-            return lines[:n]
-    return []
 
 
 # -- synthetic GGUFs ----------------------------------------------------------------------------------
@@ -375,7 +365,7 @@ def _gguf_name(pkg: str) -> str:
     return f"blk.{i}.{table[mod]}.{kind}"
 
 
-def test_smollm_tokenizer_matches_transformers(smollm, smollm2_gguf):
+def test_smollm_tokenizer_matches_transformers(smollm, smollm2_gguf, wikitext):
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -387,7 +377,7 @@ def test_smollm_tokenizer_matches_transformers(smollm, smollm2_gguf):
         "2024 and 3.14159 and 1,000,000", "  two leading spaces", "tabs\tand\nnewlines\n\n", "héllo wörld ñ",
         "日本語のテキスト", "emoji 🤖🎉👨‍👩‍👧", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
         "<|endoftext|>x", "don't I'll we've", "    code = 1  # comment", "x\r\ny", "\u00a0nbsp \u200b",
-    ] + wiki_lines(300)
+    ] + [ln for ln in wikitext.split("\n") if ln.strip()][:300]
     # transformers' GGUF loader gives "smollm" no Digits pre-tokenizer; SmolLM2's own tokenizer.json and
     # llama.cpp split every \p{N} character alone, which only shows on non-ASCII numerals such as "½".
     texts = [t for t in texts if "½" not in t]
@@ -440,7 +430,7 @@ def test_gemma_tensors(gemma):
     assert "layers.0.attn.q_norm.weight" in names and "lm_head.weight" not in names
 
 
-def test_gemma_tokenizer(gemma):
+def test_gemma_tokenizer(gemma, wikitext):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(gemma.tokenizer_json)
@@ -460,7 +450,7 @@ def test_gemma_tokenizer(gemma):
     assert ids("<start_of_turn>") == [105]
     for word in (" the", " and", " music", " government"):
         assert len(ids(word)) == 1, word
-    for line in wiki_lines(200) + ["tabs\tand  spaces\n\n", "emoji 🤖🎉", "\u00a0\u200b", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]:
+    for line in [ln for ln in wikitext.split("\n") if ln.strip()][:200] + ["tabs\tand  spaces\n\n", "emoji 🤖🎉", "\u00a0\u200b", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]:
         assert tok.decode(ids(line), skip_special_tokens=False) == line
     assert tok.decode(ids("<start_of_turn>user\nhi"), skip_special_tokens=True) == "user\nhi"
 

@@ -6,16 +6,14 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import edgeinfer
-from edgeinfer.evaluate import perplexity, read_text
+from edgeinfer.evaluate import perplexity
 from edgeinfer.model import GenerationConfig
 
-WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
@@ -85,11 +83,11 @@ def test_greedy_continuations_agree_for_32_tokens(model, hf, prompt):
     assert ours == ref, (tok.decode(ours), tok.decode(ref))
 
 
-def test_perplexity_within_one_percent_of_transformers(model, hf):
+def test_perplexity_within_one_percent_of_transformers(model, hf, wikitext):
     tok, m = hf
     import torch
 
-    text = read_text(WIKI)
+    text = wikitext
     windows = 3
     ours = perplexity(model, text, window=512, max_windows=windows, progress=False)
     ids = tok(text[:200_000], add_special_tokens=False)["input_ids"]

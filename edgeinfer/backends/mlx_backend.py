@@ -88,9 +88,8 @@ class Linear:
         else:
             self.w = w.astype(dtype)
 
-    @property
-    def out_features(self) -> int:
-        return self.w.shape[0]
+    def arrays(self) -> list[mx.array]:
+        return [self.w] + ([self.bias] if self.bias is not None else []) + (list(self.quant[:2]) if self.quant else [])
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.quant is None:
@@ -247,33 +246,24 @@ class MLXModel:
                     rope_freqs=freqs,
                 )
             )
-        del w
         self._mscale = yarn_mscale(spec)
         self._arrays = self._all_arrays()
         mx.eval(self._arrays)
         self._decode = mx.compile(self._step)
 
     def _all_arrays(self) -> list[mx.array]:
-        out = []
-        for obj in [self.embed, self.lm_head, *self.layers]:
-            for v in vars(obj).values():
-                if isinstance(v, mx.array):
+        out = self.embed.arrays() + ([] if self.lm_head is self.embed else self.lm_head.arrays()) + [self.norm]
+        for ly in self.layers:
+            for v in vars(ly).values():
+                if isinstance(v, Linear):
+                    out += v.arrays()
+                elif isinstance(v, mx.array):
                     out.append(v)
-                elif isinstance(v, Linear):
-                    out += [v.w] + ([v.bias] if v.bias is not None else []) + (list(v.quant[:2]) if v.quant else [])
-                elif isinstance(v, tuple):
-                    out += [t for t in v if isinstance(t, mx.array)]
-        out.append(self.norm)
         return out
 
     @property
     def nbytes(self) -> int:
-        seen, total = set(), 0
-        for a in self._arrays:
-            if id(a) not in seen:
-                seen.add(id(a))
-                total += a.nbytes
-        return total
+        return sum(a.nbytes for a in self._arrays)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.spec, self.dtype, max_tokens=max_tokens or self.spec.max_position_embeddings)
