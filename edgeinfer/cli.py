@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, max_tokens=512)
 
+    p = sub.add_parser("models", help="list the catalog's models and which are converted",
+                       description="List the models of models/catalog.json, and whether each is converted under models/.")
+
     p = sub.add_parser("eval", help="evaluate a package (perplexity)", description="Evaluate a package.")
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -140,6 +143,21 @@ def cmd_chat(a) -> int:
     return run_chat(a)
 
 
+def cmd_models(a) -> int:
+    from edgeinfer.apps.resolve import models_dir
+    from edgeinfer.converters.fetch import load_catalog
+
+    from .package import MANIFEST
+
+    catalog = load_catalog()
+    for name, entry in catalog["models"].items():
+        pkg = models_dir() / name
+        state = f"converted: {pkg}" if (pkg / MANIFEST).exists() else "not converted yet (fetched on first use)"
+        default = " (default)" if name == catalog["default"] else ""
+        print(f"{name}{default}\n    {entry.get('description', '')}\n    {state}")
+    return 0
+
+
 def cmd_eval(a) -> int:
     from .evaluate import perplexity, read_text
 
@@ -158,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval}[a.cmd](a)
+        return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
+                "models": cmd_models}[a.cmd](a)
     except EdgeInferError as e:
         print(f"edgeinfer: {e}", file=sys.stderr)
         return e.exit_code

@@ -233,3 +233,15 @@ def test_interactive_chat_in_a_real_terminal(tiny_package):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_cli_models_lists_the_catalog_and_what_is_converted(tiny_package, tmp_path):
+    import os
+    import shutil
+
+    shutil.copytree(tiny_package("llama", 8, 32), tmp_path / "gemma3-270m")
+    r = _cli("models", env=dict(os.environ, EDGEINFER_MODELS=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "smollm2-135m-instruct (default)" in out and "not converted yet" in out
+    assert f"converted: {tmp_path / 'gemma3-270m'}" in out
