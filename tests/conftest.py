@@ -66,6 +66,12 @@ ARCH_CONFIGS: dict[str, tuple[str, str, dict]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_COMMON, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_COMMON, head_dim=32, tie_word_embeddings=False)),
+    # YaRN context extension as Qwen2.5/Qwen3 configs ship it for long contexts; original context 16 <
+    # the 40-token prompt, so the ramp between interpolated and extrapolated frequencies matters.
+    "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        _COMMON, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+    )),
     "gemma3": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
@@ -136,6 +142,7 @@ INIT = {
     "mistral": dict(embed=0.05, weight=0.15, norm=0.2, seed=2),
     "qwen2": dict(embed=0.05, weight=0.15, norm=0.2, seed=3),
     "qwen3": dict(embed=0.05, weight=0.15, norm=0.2, seed=4),
+    "qwen2_yarn": dict(embed=0.05, weight=0.15, norm=0.2, seed=5),
     "gemma3": dict(embed=0.02, weight=0.3, norm=0.2, seed=6),
 }
 

@@ -150,9 +150,9 @@ def test_sliding_window_matters(arch, hf_models, ref_logits):
     assert np.abs(wide[window + 1 :] - ref[window + 1 :]).max() > 1e-2
 
 
-@pytest.mark.parametrize("arch", ["llama3_rope", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama3_rope", "gemma3", "qwen2_yarn"])
 def test_rope_scaling_matters(arch, tiny_package, ref_logits):
-    """Likewise for rope scaling (llama3 scaling; Gemma 3's linear scaling of its global layers): the
+    """Likewise for rope scaling (llama3; YaRN; Gemma 3's linear scaling of its global layers): the
     same package run without it gives other logits, so the parity above checks it."""
     from edgeinfer.backends.mlx_backend import MLXModel
     from edgeinfer.package import open_package
