@@ -245,3 +245,17 @@ def test_cli_models_lists_the_catalog_and_what_is_converted(tiny_package, tmp_pa
     out = r.stdout
     assert "smollm2-135m-instruct (default)" in out and "not converted yet" in out
     assert f"converted: {tmp_path / 'gemma3-270m'}" in out
+
+
+@pytest.mark.parametrize("arch, dtype", [("llama", "float16"), ("gemma3", "bfloat16")])
+def test_the_metal_configuration_runs_on_cpu(edge_models, arch, dtype):
+    """What a Mac runs by default: MLX's quantized kernels and half-precision activations (bf16 for
+    Gemma, whose activations overflow fp16), with fp16/fp32 scales kept as stored."""
+    half = edge_models(arch, 8, 32, dequantize=False, dtype=getattr(mx, dtype))
+    full = edge_models(arch, 8, 32)
+    ids = full.tokenizer.encode("hello world, this is a test")
+    a, b = half.logits(ids), full.logits(ids)
+    assert np.isfinite(a).all()
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+    assert half.backend.layers[0].q.quant[0].dtype != mx.bfloat16

@@ -84,7 +84,10 @@ class Linear:
                 self.w = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group, bits=bits).astype(dtype)
             else:
                 self.w = w
-                self.quant = (scales.astype(dtype), biases.astype(dtype), group, bits)
+                # Scales stay fp16/fp32 as stored, never bf16 (too coarse for scales); with a bf16
+                # model the kernel computes in the scales' precision and the result is cast back.
+                sdt = scales.dtype if dtype == mx.bfloat16 else dtype
+                self.quant = (scales.astype(sdt), biases.astype(sdt), group, bits)
         else:
             self.w = w.astype(dtype)
 
@@ -96,7 +99,7 @@ class Linear:
             y = x @ self.w.T
         else:
             s, b, g, bits = self.quant
-            y = mx.quantized_matmul(x, self.w, s, b, transpose=True, group_size=g, bits=bits)
+            y = mx.quantized_matmul(x, self.w, s, b, transpose=True, group_size=g, bits=bits).astype(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def rows(self, ids: mx.array) -> mx.array:
