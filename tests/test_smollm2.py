@@ -131,3 +131,21 @@ def test_cli_chat_piped_one_answer_per_line(smollm2_package):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and "Paris" in lines[0] and "Rome" in lines[1], lines
+
+
+def test_chat_without_a_model_prepares_the_default_once(smollm2_gguf, tmp_path):
+    """What `make run` does: no -m, so the catalog's default is fetched (here: from the cache the
+    fixture filled), converted into models/NAME, and reused on the next run."""
+    import os
+
+    env = dict(os.environ, EDGEINFER_MODELS=str(tmp_path))
+    cmd = [sys.executable, "-m", "edgeinfer.cli", "chat", "--max-tokens", "12"]
+    first = subprocess.run(cmd, input="What is the capital of France?\n", capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "preparing smollm2-135m-instruct" in first.stderr and "Paris" in first.stdout
+    manifest = tmp_path / "smollm2-135m-instruct" / "manifest.json"
+    assert manifest.exists()
+    stamp = manifest.stat().st_mtime_ns
+    second = subprocess.run(cmd, input="What is the capital of France?\n", capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0 and "preparing" not in second.stderr and second.stdout == first.stdout
+    assert manifest.stat().st_mtime_ns == stamp
