@@ -53,19 +53,10 @@ class ChatSession:
         self.messages = msgs + [{"role": "assistant", "content": "".join(answer).strip()}]
 
 
-def run_chat(a) -> int:
-    from edgeinfer.apps.resolve import resolve_package
-    from edgeinfer.model import load
-
+def run_chat(model, a, sampling: dict) -> int:
+    """``a``: the parsed ``edgeinfer chat`` arguments (system prompt, max tokens, stop strings)."""
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    model = load(resolve_package(a.model, progress=True), backend="mlx" if a.backend == "auto" else a.backend)
-    opts = {
-        "max_tokens": a.max_tokens,
-        "stop": a.stop,
-        "sampling": dict(temp=a.temp, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                         repetition_penalty=a.repetition_penalty, seed=a.seed),
-    }
-    session = ChatSession(model, a.system, opts)
+    session = ChatSession(model, a.system, {"max_tokens": a.max_tokens, "stop": a.stop, "sampling": sampling})
     if not interactive:
         for line in sys.stdin:
             line = line.strip()

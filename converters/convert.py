@@ -177,7 +177,7 @@ def _write_package(source, tmp: Path, bits, group, command, progress, name, chat
     if "embed.weight" not in names:
         raise EdgeInferError(f"{source.path} has no token embedding tensor")
 
-    nbytes = write_safetensors(tmp / WEIGHTS, stored)
+    write_safetensors(tmp / WEIGHTS, stored)
     del stored
 
     if qinfo:
@@ -210,7 +210,6 @@ def _write_package(source, tmp: Path, bits, group, command, progress, name, chat
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - t0, 2),
         },
-        "weight_bytes": nbytes,
     }
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)

@@ -99,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(a, progress=True):
+def _load(a):
     from edgeinfer.apps.resolve import resolve_package
 
     from .model import load
 
-    return load(resolve_package(a.model, progress=progress), backend="mlx" if a.backend == "auto" else a.backend)
+    return load(resolve_package(a.model), backend="mlx" if a.backend == "auto" else a.backend)
 
 
 def cmd_convert(a) -> int:
@@ -140,7 +140,7 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from edgeinfer.apps.chat import run_chat
 
-    return run_chat(a)
+    return run_chat(_load(a), a, _sampling(a))
 
 
 def cmd_models(a) -> int:

@@ -47,10 +47,6 @@ class Package:
     def weights_path(self) -> Path:
         return self.path / WEIGHTS
 
-    @property
-    def weight_bytes(self) -> int:
-        return int(self.manifest["files"][WEIGHTS]["bytes"])
-
     def verify(self) -> None:
         """Checks every file against the manifest's SHA-256."""
         for name, info in self.manifest["files"].items():

@@ -82,10 +82,6 @@ class ArchSpec:
             raise EdgeInferError(f"architecture spec has unknown keys: {', '.join(sorted(unknown))}")
         return cls(**d)
 
-    # Derived sizes used by the runtime and the memory planner.
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
     def rope_base(self, layer: int) -> float:
         if self.layer_types[layer] == "sliding" and self.rope_local_theta is not None:
             return self.rope_local_theta

@@ -59,9 +59,6 @@ class Tokenizer:
     def token_to_str(self, i: int) -> str:
         return self._tok.id_to_token(i) if self.kind == "tokenizers" else self._sp.id_to_piece(i)
 
-    def token_id(self, s: str) -> int | None:
-        return self._tok.token_to_id(s) if self.kind == "tokenizers" else (self._sp.piece_to_id(s) if s else None)
-
     # -- chat -------------------------------------------------------------------------------------
     def _template(self):
         if self._compiled_template is None:

@@ -259,3 +259,34 @@ def test_the_metal_configuration_runs_on_cpu(edge_models, arch, dtype):
     assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
     assert half.backend.layers[0].q.quant[0].dtype != mx.bfloat16
+
+
+def test_a_sentencepiece_tokenizer_model_is_carried_and_used(tiny_models, tmp_path, wikitext):
+    """An HF folder with only tokenizer.model (no tokenizer.json): the package carries it and the
+    runtime tokenizes through sentencepiece."""
+    import shutil
+
+    import sentencepiece as spm
+
+    import edgeinfer
+    from edgeinfer.converters.convert import convert
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["llama"], src)
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer_config.json").unlink(missing_ok=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(ln for ln in wikitext.splitlines()[:3000] if ln.strip()))
+    cfg = json.loads((src / "config.json").read_text())
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(src / "tokenizer"), vocab_size=cfg["vocab_size"],
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.99, minloglevel=2)
+    pkg = convert(str(src), tmp_path / "pkg", bits=32, progress=False)
+    assert (pkg / "tokenizer.model").exists() and not (pkg / "tokenizer.json").exists()
+    m = edgeinfer.load(pkg)
+    assert m.tokenizer.kind == "sentencepiece" and m.tokenizer.add_bos
+    sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+    text = "The tower is 324 metres tall. Ünïcode ☃"
+    ids = m.tokenizer.encode(text)
+    assert ids[0] == m.tokenizer.bos_token_id and ids[1:] == sp.encode(text)
+    assert m.tokenizer.decode(ids[1:]) == text
+    assert len(list(m.stream_ids(ids, GenerationConfig(max_tokens=5)))) <= 5

@@ -151,9 +151,6 @@ class KVCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
-
     def reserve(self, n: int) -> None:
         need = self.offset + n
         if self.max_tokens is not None and need > self.max_tokens:
@@ -250,8 +247,7 @@ class MLXModel:
                 )
             )
         self._mscale = yarn_mscale(spec)
-        self._arrays = self._all_arrays()
-        mx.eval(self._arrays)
+        mx.eval(self._all_arrays())
         self._decode = mx.compile(self._step)
 
     def _all_arrays(self) -> list[mx.array]:
@@ -263,10 +259,6 @@ class MLXModel:
                 elif isinstance(v, mx.array):
                     out.append(v)
         return out
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.spec, self.dtype, max_tokens=max_tokens or self.spec.max_position_embeddings)
