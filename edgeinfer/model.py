@@ -25,6 +25,9 @@ class GenerationStats:
     decode_seconds: float = 0.0
     peak_memory_bytes: int = 0
     finish_reason: str = ""
+    # Set by an energy meter attached to the model (issue 7); None when no meter measured the answer.
+    energy_joules: float | None = None
+    energy_source: str = ""  # the meter's kind, e.g. "gpu-nvml", "model-estimate"
 
     @property
     def prefill_tps(self) -> float:
