@@ -45,6 +45,7 @@ class GenerationStats:
             f"prompt {self.prompt_tokens} tok ({self.prefill_tps:.1f} tok/s), TTFT {self.ttft * 1000:.0f} ms, "
             f"decode {self.generated_tokens} tok at {self.decode_tps:.1f} tok/s, "
             f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB"
+            + (f", {self.energy_joules:.2f} J ({self.energy_source})" if self.energy_joules is not None else "")
         )
 
 
@@ -59,6 +60,7 @@ class GenerationConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     prefill_chunk: int = 512
+    ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
 
 
 class Model:
@@ -74,6 +76,8 @@ class Model:
         self.cache = self.backend.new_cache()
         self.cache_tokens: list[int] = []  # the token ids whose keys/values the cache holds
         self.stats = GenerationStats()
+        # An energy meter (edgeinfer.energy): ``begin() -> mark``, ``end(mark) -> joules`` and ``source``.
+        self.meter = None
 
     @property
     def name(self) -> str:
@@ -122,6 +126,7 @@ class Model:
         t0 = time.perf_counter()
         if hasattr(mx, "reset_peak_memory"):
             mx.reset_peak_memory()
+        mark = self.meter.begin() if self.meter is not None else None
         last, st.reused_tokens = self._prefill(ids, config.prefill_chunk)
         history = list(ids)
         y = sampler(last, history)
@@ -134,7 +139,7 @@ class Model:
         try:
             for n in range(budget):
                 tok = y.item()
-                if tok in self.tokenizer.eos_token_ids:
+                if tok in self.tokenizer.eos_token_ids and not config.ignore_eos:
                     st.finish_reason = "stop"
                     break
                 st.generated_tokens += 1
@@ -153,6 +158,8 @@ class Model:
                 st.finish_reason = "context"
             mem = mx.get_peak_memory() if hasattr(mx, "get_peak_memory") else 0
             st.peak_memory_bytes = max(mem, peak_rss_bytes())
+            if self.meter is not None:
+                st.energy_joules, st.energy_source = self.meter.end(mark), self.meter.source
 
     def stream_text(self, ids: list[int], config: GenerationConfig) -> Iterator[str]:
         """Yields text deltas; honours stop strings (the text before the first stop string is kept)."""
