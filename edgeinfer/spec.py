@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import EdgeInferError
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
@@ -92,6 +94,52 @@ class ArchSpec:
         if self.layer_types[layer] == "sliding" and self.rope_local_theta is not None:
             return None
         return self.rope_scaling
+
+
+def rope_inv_freq(spec: ArchSpec, layer: int) -> np.ndarray:
+    """Rotary inverse frequencies [head_dim / 2] of one layer, rope scaling applied (float64)."""
+    base = spec.rope_base(layer)
+    dims = spec.head_dim
+    inv = 1.0 / (base ** (np.arange(0, dims, 2, dtype=np.float64) / dims))
+    scaling = spec.rope_scaling_for(layer)
+    if not scaling:
+        return inv
+    kind = scaling["type"]
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv / factor
+    if kind == "llama3":
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
+        mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    if kind == "yarn":
+        old_ctx = float(scaling.get("original_max_position_embeddings", spec.max_position_embeddings))
+        beta_fast = float(scaling.get("beta_fast", 32.0))
+        beta_slow = float(scaling.get("beta_slow", 1.0))
+
+        def dim_for(rot):
+            return (dims * math.log(old_ctx / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+        lo = max(math.floor(dim_for(beta_fast)), 0)
+        hi = min(math.ceil(dim_for(beta_slow)), dims - 1)
+        ramp = np.clip((np.arange(dims // 2) - lo) / max(hi - lo, 1e-3), 0, 1)
+        extrapolation = 1 - ramp
+        return (inv / factor) * (1 - extrapolation) + inv * extrapolation
+    raise EdgeInferError(f"unsupported rope scaling type {kind!r}")
+
+
+def yarn_mscale(spec: ArchSpec) -> float:
+    """YaRN's attention factor, applied to q and k after rope (1 without YaRN)."""
+    s = spec.rope_scaling
+    if not s or s.get("type") != "yarn":
+        return 1.0
+    factor = float(s.get("factor", 1.0))
+    return float(s.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
 
 
 def _require(cfg: dict, key: str, where: str):

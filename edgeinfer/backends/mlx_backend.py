@@ -15,55 +15,16 @@ import numpy as np
 
 from ..errors import EdgeInferError
 from ..package import Package
-from ..spec import ArchSpec
+from ..spec import ArchSpec, rope_inv_freq, yarn_mscale
 
 
 def rope_freqs(spec: ArchSpec, layer: int) -> tuple[float | None, float, mx.array | None]:
     """Returns (base, scale, freqs) for mx.fast.rope: either a plain base with a position scale, or
     explicit per-dimension wavelengths for llama3 / yarn scaling."""
-    base = spec.rope_base(layer)
     scaling = spec.rope_scaling_for(layer)
-    if not scaling:
-        return base, 1.0, None
-    kind = scaling["type"]
-    factor = float(scaling.get("factor", 1.0))
-    if kind == "linear":
-        return base, 1.0 / factor, None
-    dims = spec.head_dim
-    inv = 1.0 / (base ** (np.arange(0, dims, 2, dtype=np.float64) / dims))
-    if kind == "llama3":
-        low = float(scaling.get("low_freq_factor", 1.0))
-        high = float(scaling.get("high_freq_factor", 4.0))
-        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
-        wavelen = 2 * math.pi / inv
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
-        mid = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-        scaled = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-        return None, 1.0, mx.array((1.0 / scaled).astype(np.float32))
-    if kind == "yarn":
-        old_ctx = float(scaling.get("original_max_position_embeddings", spec.max_position_embeddings))
-        beta_fast = float(scaling.get("beta_fast", 32.0))
-        beta_slow = float(scaling.get("beta_slow", 1.0))
-
-        def dim_for(rot):
-            return (dims * math.log(old_ctx / (rot * 2 * math.pi))) / (2 * math.log(base))
-
-        lo = max(math.floor(dim_for(beta_fast)), 0)
-        hi = min(math.ceil(dim_for(beta_slow)), dims - 1)
-        ramp = np.clip((np.arange(dims // 2) - lo) / max(hi - lo, 1e-3), 0, 1)
-        extrapolation = 1 - ramp
-        scaled = (inv / factor) * (1 - extrapolation) + inv * extrapolation
-        return None, 1.0, mx.array((1.0 / scaled).astype(np.float32))
-    raise EdgeInferError(f"unsupported rope scaling type {kind!r}")
-
-
-def yarn_mscale(spec: ArchSpec) -> float:
-    s = spec.rope_scaling
-    if not s or s.get("type") != "yarn":
-        return 1.0
-    factor = float(s.get("factor", 1.0))
-    return float(s.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
+    if not scaling or scaling["type"] == "linear":
+        return spec.rope_base(layer), 1.0 / float(scaling.get("factor", 1.0)) if scaling else 1.0, None
+    return None, 1.0, mx.array((1.0 / rope_inv_freq(spec, layer)).astype(np.float32))
 
 
 class Linear:
