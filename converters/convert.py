@@ -91,7 +91,24 @@ def convert(
     progress: bool = True,
     name: str | None = None,
     chat_template: str | None = None,
+    backend: str = "all",
+    accuracy_level: int = 4,
 ) -> Path:
+    """``backend``: ``mlx`` writes the weights only; ``onnx``/``all`` also write the ONNX graph (which reads
+    its weights from the same file). An existing package as ``src`` gets its graph added in place."""
+    if backend not in ("mlx", "onnx", "all"):
+        raise EdgeInferError(f"--backend must be mlx, onnx or all, not {backend}")
+    p = Path(src).expanduser()
+    if (p / MANIFEST).is_file():
+        if out is not None and Path(out).expanduser().resolve() != p.resolve():
+            raise EdgeInferError(f"{src} is already an edgeinfer package; to add its ONNX graph in place, leave out -o")
+        if backend == "mlx":
+            raise EdgeInferError(f"{src} is already an edgeinfer package; MLX runs it as it is")
+        from .onnx_export import add_onnx_graph
+
+        return add_onnx_graph(p, accuracy_level=accuracy_level, progress=progress).parent
+    if out is None:
+        raise EdgeInferError("-o/--out is required: the package folder to create")
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise EdgeInferError(f"{out} already exists; pass --force to replace it")
@@ -113,6 +130,10 @@ def convert(
         _remove_stale_partials(out)
         tmp.mkdir()
         _write_package(source, tmp, bits, group, command, progress, name, chat_template)
+        if backend != "mlx":
+            from .onnx_export import add_onnx_graph
+
+            add_onnx_graph(tmp, accuracy_level=accuracy_level, progress=progress)
         if out.exists() or out.is_symlink():
             out.rename(old)
             tmp.rename(out)

@@ -9,7 +9,7 @@ from .errors import EdgeInferError  # noqa: E402
 _blas.preload()
 
 
-def load(path, backend: str = "mlx", **opts):
+def load(path, backend: str = "auto", **opts):
     """Loads an edgeinfer package: ``m = edgeinfer.load(PKG); m.generate("Hello")``."""
     from .model import load as _load
 

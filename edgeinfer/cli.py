@@ -24,7 +24,10 @@ converted into models/ on first use. Errors print one line and exit with status 
 def _add_model(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("-m", "--model", required=required, default=None,
                    help="package folder or catalog name" + ("" if required else " (default: the catalog's default model)"))
-    p.add_argument("--backend", default="auto", choices=["auto", "mlx"], help="runtime backend (default: auto)")
+    p.add_argument("--backend", default="auto", choices=["auto", "mlx", "onnx"],
+                   help="runtime backend: auto (MLX on Apple Silicon, ONNX Runtime elsewhere when the package has a graph), "
+                        "mlx or onnx (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the ONNX backend (default: one per core)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -56,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert SRC (a Hugging Face repo id, a local Hugging Face folder, a catalog name or a .gguf file) "
                                    "into an edgeinfer package folder OUT. Writing is atomic: a failed run leaves no OUT.")
     p.add_argument("src", help="HF repo id, local HF folder, catalog name or .gguf file")
-    p.add_argument("-o", "--out", required=True, help="the package folder to create")
+    p.add_argument("-o", "--out", default=None, help="the package folder to create (leave out when SRC is a package "
+                                                      "that gets its ONNX graph added)")
+    p.add_argument("--backend", default="all", choices=["mlx", "onnx", "all"],
+                   help="what to write: mlx (weights only), onnx or all (weights + model.onnx, which reads the same "
+                        "weights) (default all)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
+                   help="ONNX MatMulNBits compute: 4 = int8 activations, fast (default); 0/1 = float, exact, ~10x slower")
     p.add_argument("--bits", type=int, choices=[4, 8, 16, 32], default=None,
                    help="weight bits: 4 or 8 (affine groups), 16 (fp16), 32 (fp32). Default: 4 for HF sources; "
                         "GGUF keeps its own quantized tensors and stores float ones in fp16")
@@ -104,7 +113,7 @@ def _load(a):
 
     from .model import load
 
-    return load(resolve_package(a.model), backend="mlx" if a.backend == "auto" else a.backend)
+    return load(resolve_package(a.model), backend=a.backend, threads=a.threads)
 
 
 def cmd_convert(a) -> int:
@@ -115,7 +124,8 @@ def cmd_convert(a) -> int:
     command = "edgeinfer " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     template = read_text(a.chat_template) if a.chat_template else None
     out = convert(a.src, a.out, bits=a.bits, group_size=a.group_size, force=a.force, command=command,
-                  progress=not a.quiet, name=a.name, chat_template=template)
+                  progress=not a.quiet, name=a.name, chat_template=template, backend=a.backend,
+                  accuracy_level=a.accuracy_level)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

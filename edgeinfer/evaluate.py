@@ -49,6 +49,8 @@ def window_nll(model, ids: list[int]) -> tuple[float, int]:
 
     cache = model.backend.new_cache(max_tokens=len(ids))
     logits = model.backend.forward(ids[:-1], cache, lazy=True)[0]
+    if not isinstance(logits, mx.array):  # the ONNX backend returns numpy
+        logits = mx.array(logits)
     targets = mx.array(ids[1:])
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     nll = -mx.take_along_axis(logp, targets[:, None], axis=-1).sum()

@@ -49,6 +49,17 @@ class GenerationStats:
         )
 
 
+def _notice(msg: str) -> None:
+    print(f"edgeinfer: {msg}", file=sys.stderr)
+
+
+def _as_mx(a):
+    """The ONNX backend returns numpy logits; sampling runs in MLX either way."""
+    import mlx.core as mx
+
+    return a if isinstance(a, mx.array) else mx.array(a)
+
+
 def peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
@@ -64,15 +75,14 @@ class GenerationConfig:
 
 
 class Model:
-    def __init__(self, path: str | Path, backend: str = "mlx", verify: bool = False, **backend_opts):
+    def __init__(self, path: str | Path, backend: str = "auto", verify: bool = False, **backend_opts):
         self.package = open_package(path, verify=verify)
         self.spec = self.package.spec
         self.tokenizer = Tokenizer(self.package.path, self.package.tokenizer_info)
-        if backend not in ("mlx", "auto"):
-            raise EdgeInferError(f"backend {backend!r} is not available; this build has: mlx")
-        from .backends.mlx_backend import MLXModel
+        from .backends import choose_backend, open_backend
 
-        self.backend = MLXModel(self.package, **backend_opts)
+        self.backend_name = choose_backend(self.package, backend, notice=_notice)
+        self.backend = open_backend(self.package, self.backend_name, notice=_notice, **backend_opts)
         self.cache = self.backend.new_cache()
         self.cache_tokens: list[int] = []  # the token ids whose keys/values the cache holds
         self.stats = GenerationStats()
@@ -108,9 +118,9 @@ class Model:
         logits = None
         for i in range(0, len(rest), chunk):
             part = rest[i : i + chunk]
-            logits = self.backend.forward(part, self.cache)
+            logits = self.backend.forward(part, self.cache, last_only=True)
             self.cache_tokens += part
-        return logits[:, -1, :], common
+        return _as_mx(logits)[:, -1, :], common
 
     # -- generation -------------------------------------------------------------------------------
     def stream_ids(self, ids: list[int], config: GenerationConfig) -> Iterator[int]:
@@ -149,7 +159,7 @@ class Model:
                     # the caller prints (mlx-lm's double buffering).
                     logits = self.backend.forward([tok], self.cache, lazy=True)
                     self.cache_tokens.append(tok)
-                    y = sampler(logits[:, -1, :], history)
+                    y = sampler(_as_mx(logits)[:, -1, :], history)
                     mx.async_eval(y)
                 yield tok
         finally:
@@ -205,6 +215,6 @@ class Model:
         return "".join(self.stream(prompt, max_tokens=max_tokens, chat=chat, stop=stop, **sampling))
 
 
-def load(path: str | Path, backend: str = "mlx", **opts) -> Model:
+def load(path: str | Path, backend: str = "auto", **opts) -> Model:
     """Loads an edgeinfer package folder."""
     return Model(path, backend=backend, **opts)

@@ -225,7 +225,7 @@ class MLXModel:
         return KVCache(self.spec, self.dtype, max_tokens=max_tokens or self.spec.max_position_embeddings)
 
     # -- the decoder ------------------------------------------------------------------------------
-    def _step(self, tokens: mx.array, pos: mx.array, keys: list, values: list):
+    def _step(self, tokens: mx.array, pos: mx.array, keys: list, values: list, last_only: bool = False):
         """Pure function of its inputs: returns (logits, keys, values). ``pos`` is a scalar int32
         array, so the same compiled graph serves every position."""
         s = self.spec
@@ -272,6 +272,8 @@ class MLXModel:
             if ly.post_mlp_norm is not None:
                 m = mx.fast.rms_norm(m, ly.post_mlp_norm, s.rms_norm_eps)
             x = x + m
+        if last_only:  # prefill needs only the next token's logits
+            x = x[:, -1:, :]
         x = mx.fast.rms_norm(x, self.norm, s.rms_norm_eps)
         logits = self.lm_head(x).astype(mx.float32)
         if s.final_logit_softcap:
@@ -279,7 +281,7 @@ class MLXModel:
             logits = mx.tanh(logits / c) * c
         return logits, new_k, new_v
 
-    def forward(self, tokens, cache: KVCache, lazy: bool = False) -> mx.array:
+    def forward(self, tokens, cache: KVCache, lazy: bool = False, last_only: bool = False) -> mx.array:
         """Runs ``tokens`` (a list of ids or a [1, L] array) after the cached context and returns the
         logits [1, L, vocab]. Advances the cache. One token takes the compiled path."""
         if not isinstance(tokens, mx.array):
@@ -287,8 +289,10 @@ class MLXModel:
         L = tokens.shape[1]
         cache.reserve(L)
         pos = mx.array(cache.offset, dtype=mx.int32)
-        fn = self._decode if L == 1 else self._step
-        logits, cache.keys, cache.values = fn(tokens, pos, cache.keys, cache.values)
+        if L == 1:
+            logits, cache.keys, cache.values = self._decode(tokens, pos, cache.keys, cache.values)
+        else:
+            logits, cache.keys, cache.values = self._step(tokens, pos, cache.keys, cache.values, last_only)
         cache.offset += L
         if not lazy:
             mx.eval(logits, cache.keys, cache.values)

@@ -1,0 +1,397 @@
+"""Package -> ``model.onnx``: the same decoder as the MLX backend, as one ONNX Runtime graph.
+
+One graph serves prefill and decode: ``input_ids [1, S]`` after ``total_sequence_length - S`` cached
+positions. The KV cache is ``past_key_i``/``past_value_i [1, kv_heads, capacity, head_dim]``; the runtime
+binds ``present_*`` to the same buffers, so GroupQueryAttention writes the new positions in place and
+nothing is reallocated per token.
+
+Quantized weights go through ``MatMulNBits`` on its fast path (``accuracy_level=4``, no zero points),
+which computes ``w' = scale * (q - 2^(bits-1))``. The package's affine layout ``w = scale * q + bias``
+differs from that by ``c = bias + 2^(bits-1) * scale`` per group, so each quantized linear adds
+``sum_g (sum of x over group g) * c[g, n]``: a GEMV over K/group_size inputs, exact, and skipped when
+``c`` is zero (symmetric sources such as GGUF Q4_0/Q8_0). 4- and 8-bit weights are the package's own
+bytes (MLX packs values little-endian, which is MatMulNBits' nibble order); other widths are widened to
+8 bits without loss.
+
+The graph and the tensors it derives (fused projections, fp32 scales, rotary tables) live in
+``model.onnx`` + ``model.onnx.data``; tensors usable as stored are read from ``model.safetensors`` itself
+(ONNX external data by offset), so the tied embedding/head table exists once on disk and in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgeinfer.errors import EdgeInferError
+from edgeinfer.package import Package
+from edgeinfer.spec import ArchSpec, rope_inv_freq, yarn_mscale
+
+from .quantize import pack_bits, unpack_bits
+from .safetensors_io import SafetensorsFile
+
+ONNX_FILE = "model.onnx"
+ONNX_DATA = "model.onnx.data"
+OPSET = 21
+MAX_ROPE_POSITIONS = 32768  # rotary tables beyond this cost memory for contexts no laptop runs
+ALIGN = 4096  # external data offsets page-aligned, so ORT can map them
+
+
+class _Graph:
+    """Accumulates nodes and initializers; big initializers go to external data."""
+
+    def __init__(self, data_path: Path, data_location: str, weights: SafetensorsFile, weights_rel: str):
+        import onnx
+        from onnx import helper
+
+        self.onnx, self.helper = onnx, helper
+        self.nodes: list = []
+        self.inits: list = []
+        self.names: set[str] = set()
+        self.data_location = data_location
+        self.data = open(data_path, "wb")
+        self.weights = weights
+        self.weights_rel = weights_rel
+        self._n = 0
+
+    def close(self) -> None:
+        self.data.close()
+
+    def uniq(self, base: str) -> str:
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def _external(self, name: str, dtype: int, shape, location: str, offset: int, length: int) -> str:
+        t = self.onnx.TensorProto()
+        t.name = name
+        t.data_type = dtype
+        t.dims.extend(int(d) for d in shape)
+        t.data_location = self.onnx.TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.inits.append(t)
+        self.names.add(name)
+        return name
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        """A tensor this graph derives: inline when small, else appended to model.onnx.data."""
+        arr = np.ascontiguousarray(arr)
+        if name in self.names:
+            raise ValueError(f"duplicate initializer {name}")
+        dtype = self.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        if arr.nbytes < 1024:
+            self.inits.append(self.onnx.numpy_helper.from_array(arr, name))
+            self.names.add(name)
+            return name
+        pos = self.data.tell()
+        pad = -pos % ALIGN
+        self.data.write(b"\0" * pad)
+        self.data.write(arr.tobytes())
+        return self._external(name, dtype, arr.shape, self.data_location, pos + pad, arr.nbytes)
+
+    def stored(self, name: str, tensor: str, dtype, shape) -> str:
+        """A tensor of model.safetensors used as stored (same bytes), viewed with another dtype/shape."""
+        info = self.weights.header[tensor]
+        a, b = info["data_offsets"]
+        length = b - a
+        if length != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"{tensor}: {length} bytes cannot be viewed as {dtype} {shape}")
+        return self._external(name, self.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape, self.weights_rel,
+                              self.weights._base + a, length)
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", name: str | None = None, **attrs):
+        base = name or op
+        outs = [self.uniq(base) for _ in range(n_out)]
+        self.nodes.append(self.helper.make_node(op, inputs, outs, name=self.uniq(base + "_node"), domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def int64(self, values) -> str:
+        return self.const(self.uniq("i64"), np.asarray(values, dtype=np.int64))
+
+
+class _Linear:
+    """One projection (or several fused along N, sharing their input) as graph nodes."""
+
+    def __init__(self, g: _Graph, pkg: Package, names: list[str], accuracy_level: int):
+        self.g = g
+        w = g.weights
+        quant = pkg.quantization
+        per = quant.get("tensors", {})
+        qp = [per.get(n, quant) for n in names]
+        self.quantized = all(f"{n}.scales" in w.header for n in names)
+        if not self.quantized and any(f"{n}.scales" in w.header for n in names):
+            raise EdgeInferError(f"{names}: fused projections mix quantized and float weights")
+        label = names[0] if len(names) == 1 else names[0].rsplit(".", 1)[0] + "." + "_".join(n.rsplit(".", 1)[1] for n in names)
+        biases = [w.get(f"{n}.bias") if f"{n}.bias" in w.header else None for n in names]
+        if self.quantized:
+            bits = {q.get("bits") for q in qp}
+            groups = {q.get("group_size") for q in qp}
+            if len(bits) != 1 or len(groups) != 1:
+                raise EdgeInferError(f"{names}: fused projections with different quantization")
+            bits, group = bits.pop(), groups.pop()
+            packed = [w.get(f"{n}.weight") for n in names]
+            scales = [np.asarray(w.get(f"{n}.scales"), np.float32) for n in names]
+            offs = [np.asarray(w.get(f"{n}.biases"), np.float32) for n in names]
+            self.N = sum(s.shape[0] for s in scales)
+            self.K = packed[0].shape[1] * 32 // bits
+            G = self.K // group
+            self.out_bits = bits if bits in (4, 8) else 8
+            if len(names) == 1 and bits in (4, 8):
+                B = g.stored(f"{label}.B", f"{names[0]}.weight", np.uint8, (self.N, G, group * bits // 8))
+            else:
+                qs = [unpack_bits(np.asarray(p), bits) for p in packed]
+                q = np.concatenate(qs, axis=0) if len(qs) > 1 else qs[0]
+                B = g.const(f"{label}.B", pack_bits(q, self.out_bits).view(np.uint8).reshape(self.N, G, group * self.out_bits // 8))
+            s = np.concatenate(scales, 0)
+            if len(names) == 1 and w.header[f"{names[0]}.scales"]["dtype"] == "F32":
+                S = g.stored(f"{label}.scales", f"{names[0]}.scales", np.float32, (self.N * G,))
+            else:
+                S = g.const(f"{label}.scales", s.reshape(-1))
+            corr = np.concatenate(offs, 0) + float(2 ** (self.out_bits - 1)) * s  # [N, G]
+            self.corr = None if not np.any(corr) else g.const(f"{label}.corr", np.ascontiguousarray(corr.T))
+            self.group = group
+            self.G = G
+            self.B, self.S = B, S
+            self.accuracy_level = accuracy_level
+        else:
+            mats = [np.asarray(w.get(f"{n}.weight"), np.float32) for n in names]
+            W = np.concatenate(mats, 0) if len(mats) > 1 else mats[0]
+            self.N, self.K = W.shape
+            self.W = g.const(f"{label}.weight_t", np.ascontiguousarray(W.T))
+        self.bias = None
+        if any(b is not None for b in biases):
+            full = [np.asarray(b, np.float32) if b is not None else np.zeros(m, np.float32)
+                    for b, m in zip(biases, self._sizes(names))]
+            self.bias = g.const(f"{label}.bias", np.concatenate(full))
+        self.label = label
+
+    def _sizes(self, names):
+        w = self.g.weights
+        return [w.header[f"{n}.scales" if self.quantized else f"{n}.weight"]["shape"][0] for n in names]
+
+    def __call__(self, x: str) -> str:
+        g = self.g
+        if not self.quantized:
+            y = g.node("MatMul", [x, self.W], name=self.label)
+            return g.node("Add", [y, self.bias]) if self.bias else y
+        ins = [x, self.B, self.S] + (["", "", self.bias] if self.bias else [])
+        y = g.node("MatMulNBits", ins, domain="com.microsoft", name=self.label, K=self.K, N=self.N,
+                   bits=self.out_bits, block_size=self.group, accuracy_level=self.accuracy_level)
+        if self.corr is None:
+            return y
+        # per-group input sums [1, S, G] times the offsets [G, N]
+        xg = g.node("Reshape", [x, g.int64([0, 0, self.G, self.group])])
+        sums = g.node("ReduceSum", [xg, g.int64([-1])], keepdims=0)
+        return g.node("Add", [y, g.node("MatMul", [sums, self.corr])])
+
+
+def rope_tables(spec: ArchSpec, layer: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    inv = rope_inv_freq(spec, layer)
+    t = np.arange(positions, dtype=np.float64)[:, None] * inv[None, :]
+    m = yarn_mscale(spec)
+    return (np.cos(t) * m).astype(np.float32), (np.sin(t) * m).astype(np.float32)
+
+
+def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: int = 4, fuse: bool = True,
+                progress=None) -> None:
+    """Writes the graph to ``onnx_path`` and its tensors to ``data_path``, both in the package folder; the
+    graph names its data file ``model.onnx.data`` (the caller renames temporary names into place)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    spec = pkg.spec
+    if spec.arch not in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
+        raise EdgeInferError(f"the ONNX exporter does not know the {spec.arch} architecture")
+    weights = SafetensorsFile(pkg.weights_path)
+    g = _Graph(Path(data_path), ONNX_DATA, weights, os.path.relpath(pkg.weights_path, Path(onnx_path).parent))
+    H, D, nq, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    eps = float(spec.rms_norm_eps)
+    positions = min(spec.max_position_embeddings, MAX_ROPE_POSITIONS)
+    try:
+        f32 = lambda n: g.const(n, np.asarray(weights.get(n), np.float32))  # noqa: E731
+        lin = lambda names: _Linear(g, pkg, names, accuracy_level)  # noqa: E731
+
+        # -- embedding: rows of the (possibly quantized) table, shared with a tied head -------------
+        embed = lin(["embed"]) if "embed.scales" in weights.header else None
+        ids = "input_ids"
+        if embed is not None:
+            rows = g.node("Gather", [embed.B, ids], axis=0)  # [1, S, G, bytes per group]
+            if embed.out_bits == 4:
+                lo = g.node("BitwiseAnd", [rows, g.const("u8_15", np.array(15, np.uint8))])
+                hi = g.node("BitShift", [rows, g.const("u8_4", np.array(4, np.uint8))], direction="RIGHT")
+                pair = g.node("Concat", [g.node("Unsqueeze", [lo, g.int64([-1])]), g.node("Unsqueeze", [hi, g.int64([-1])])], axis=-1)
+                q = g.node("Reshape", [pair, g.int64([0, 0, embed.G, embed.group])])
+            else:
+                q = rows
+            qf = g.node("Cast", [q], to=TensorProto.FLOAT)
+            sc = g.node("Reshape", [embed.S, g.int64([embed.N, embed.G])])
+            s_rows = g.node("Unsqueeze", [g.node("Gather", [sc, ids], axis=0), g.int64([-1])])
+            zp = g.const("embed.zp", np.array(-(2 ** (embed.out_bits - 1)), np.float32))
+            x = g.node("Mul", [g.node("Add", [qf, zp]), s_rows])  # scale * (q - zp)
+            if embed.corr is not None:  # + the per-group offset, [G, N] transposed back to rows
+                corr_rows = g.node("Gather", [g.node("Transpose", [embed.corr], perm=[1, 0]), ids], axis=0)
+                x = g.node("Add", [x, g.node("Unsqueeze", [corr_rows, g.int64([-1])])])
+            x = g.node("Reshape", [x, g.int64([0, 0, H])], name="embed")
+        else:
+            table = np.asarray(weights.get("embed.weight"), np.float32)
+            x = g.node("Gather", [g.const("embed.weight", table), ids], axis=0, name="embed")
+        if spec.embed_scale != 1.0:
+            x = g.node("Mul", [x, g.const("embed_scale", np.array(spec.embed_scale, np.float32))])
+
+        # -- rotary tables, one per distinct rope setting -------------------------------------------
+        tables: dict = {}
+
+        def rope_for(layer: int):
+            key = (spec.rope_base(layer), repr(spec.rope_scaling_for(layer)))
+            if key not in tables:
+                c, s = rope_tables(spec, layer, positions)
+                k = len(tables)
+                tables[key] = (g.const(f"rope{k}.cos", c), g.const(f"rope{k}.sin", s))
+            return tables[key]
+
+        seqlens, total = "seqlens_k", "total_sequence_length"
+        h = g.node("SimplifiedLayerNormalization", [x, f32("layers.0.attn_norm.weight")], axis=-1, epsilon=eps, name="l0.attn_norm")
+        residual = x
+        kv_inputs, kv_outputs = [], []
+        for i in range(spec.num_layers):
+            if progress:
+                progress(i)
+            p = f"layers.{i}"
+            if fuse:
+                qkv = lin([f"{p}.attn.q_proj", f"{p}.attn.k_proj", f"{p}.attn.v_proj"])(h)
+            else:
+                qkv = g.node("Concat", [lin([f"{p}.attn.{n}_proj"])(h) for n in "qkv"], axis=-1)
+            if spec.qk_norm:
+                q, k, v = g.node("Split", [qkv, g.int64([nq * D, nkv * D, nkv * D])], n_out=3, axis=-1)
+                q = g.node("Reshape", [g.node("SimplifiedLayerNormalization",
+                                              [g.node("Reshape", [q, g.int64([0, 0, nq, D])]), f32(f"{p}.attn.q_norm.weight")],
+                                              axis=-1, epsilon=eps), g.int64([0, 0, nq * D])])
+                k = g.node("Reshape", [g.node("SimplifiedLayerNormalization",
+                                              [g.node("Reshape", [k, g.int64([0, 0, nkv, D])]), f32(f"{p}.attn.k_norm.weight")],
+                                              axis=-1, epsilon=eps), g.int64([0, 0, nkv * D])])
+                qkv_in = [q, k, v]
+            else:
+                qkv_in = [qkv, "", ""]
+            cos, sin = rope_for(i)
+            past_k, past_v = f"past_key_{i}", f"past_value_{i}"
+            pres_k, pres_v = f"present_key_{i}", f"present_value_{i}"
+            kv_inputs += [past_k, past_v]
+            kv_outputs += [pres_k, pres_v]
+            attrs = dict(num_heads=nq, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0,
+                         scale=float(spec.attn_scale or D ** -0.5))
+            if spec.layer_types and spec.layer_types[i] == "sliding" and spec.sliding_window:
+                attrs["local_window_size"] = int(spec.sliding_window)  # same count as HF: the query and W-1 before it
+            if spec.attn_logit_softcap:
+                attrs["softcap"] = float(spec.attn_logit_softcap)
+            attn = g.uniq(f"l{i}.attn")
+            g.nodes.append(helper.make_node(
+                "GroupQueryAttention", qkv_in + [past_k, past_v, seqlens, total, cos, sin], [attn, pres_k, pres_v],
+                name=f"l{i}.gqa", domain="com.microsoft", **attrs))
+            o = lin([f"{p}.attn.o_proj"])(attn)
+            if spec.sandwich_norm:
+                o = g.node("SimplifiedLayerNormalization", [o, f32(f"{p}.post_attn_norm.weight")], axis=-1, epsilon=eps)
+            h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, f32(f"{p}.mlp_norm.weight")],
+                                       n_out=4, domain="com.microsoft", epsilon=eps, name=f"l{i}.mlp_norm")
+            I = spec.intermediate_size
+            if fuse:
+                gate, up = g.node("Split", [lin([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])(h), g.int64([I, I])], n_out=2, axis=-1)
+            else:
+                gate, up = lin([f"{p}.mlp.gate_proj"])(h), lin([f"{p}.mlp.up_proj"])(h)
+            if spec.mlp_act == "silu":
+                act = g.node("Mul", [gate, g.node("Sigmoid", [gate])])
+            else:
+                act = g.node("FastGelu", [gate], domain="com.microsoft")
+            m = lin([f"{p}.mlp.down_proj"])(g.node("Mul", [act, up]))
+            if spec.sandwich_norm:
+                m = g.node("SimplifiedLayerNormalization", [m, f32(f"{p}.post_mlp_norm.weight")], axis=-1, epsilon=eps)
+            nxt = f"layers.{i + 1}.attn_norm.weight" if i + 1 < spec.num_layers else "norm.weight"
+            h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [m, residual, f32(nxt)], n_out=4,
+                                       domain="com.microsoft", epsilon=eps, name=f"l{i}.out_norm")
+
+        # -- head: only the positions from logits_start on --------------------------------------------
+        h = g.node("Slice", [h, "logits_start", g.int64([2**62]), g.int64([1])])
+        if spec.tie_embeddings:
+            head = embed
+            if head is None:
+                logits = g.node("MatMul", [h, g.node("Transpose", ["embed.weight"], perm=[1, 0])])
+        else:
+            head = lin(["lm_head"])
+        if head is not None:
+            logits = head(h)
+        if spec.final_logit_softcap:
+            c = g.const("final_softcap", np.array(spec.final_logit_softcap, np.float32))
+            logits = g.node("Mul", [g.node("Tanh", [g.node("Div", [logits, c])]), c])
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+
+        cap = "kv_capacity"
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence"]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+            helper.make_tensor_value_info("logits_start", TensorProto.INT64, [1]),
+        ] + [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, nkv, cap, D]) for n in kv_inputs]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "kept", spec.vocab_size])] + [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, nkv, cap, D]) for n in kv_outputs]
+        graph = helper.make_graph(g.nodes, f"edgeinfer_{spec.arch}", inputs, outputs, initializer=g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="edgeinfer")
+        model.ir_version = 10
+    finally:
+        g.close()
+    with open(onnx_path, "wb") as f:
+        f.write(model.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int = 4, fuse: bool = True, progress: bool = True) -> Path:
+    """Adds (or replaces) ``model.onnx`` + ``model.onnx.data`` in a package and records them in its
+    manifest. Files are written under temporary names and renamed into place; the manifest is replaced
+    last, so an interrupted run leaves the package as it was (at worst with an unrecorded graph)."""
+    import json
+
+    from tqdm import tqdm
+
+    from edgeinfer.package import MANIFEST, open_package, sha256_file
+
+    try:
+        import onnx
+    except ImportError:
+        raise EdgeInferError("writing ONNX graphs needs the onnx package: pip install onnx") from None
+    pkg = open_package(pkg_dir)
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise EdgeInferError(f"accuracy level must be 0..4, not {accuracy_level}")
+    tag = f".partial-{os.getpid()}"
+    tmp_graph, tmp_data = pkg.path / (ONNX_FILE + tag), pkg.path / (ONNX_DATA + tag)
+    bar = tqdm(total=pkg.spec.num_layers, desc="onnx graph", unit="layer", disable=None if progress else True,
+               leave=False, file=sys.stderr)
+    try:
+        build_graph(pkg, tmp_graph, tmp_data, accuracy_level=accuracy_level, fuse=fuse, progress=lambda i: bar.update(1))
+        bar.close()
+        manifest = dict(pkg.manifest)
+        files = dict(manifest.get("files", {}))
+        for final, tmp in ((ONNX_FILE, tmp_graph), (ONNX_DATA, tmp_data)):
+            files[final] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        manifest["files"] = dict(sorted(files.items()))
+        manifest["onnx"] = {"file": ONNX_FILE, "data": ONNX_DATA, "opset": OPSET, "accuracy_level": accuracy_level,
+                            "fused_projections": fuse, "onnx_version": onnx.__version__}
+        tmp_manifest = pkg.path / (MANIFEST + tag)
+        with open(tmp_manifest, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_data, pkg.path / ONNX_DATA)
+        os.replace(tmp_graph, pkg.path / ONNX_FILE)
+        os.replace(tmp_manifest, pkg.path / MANIFEST)
+    except BaseException as e:
+        bar.close()
+        for p in pkg.path.glob(f"*{tag}"):
+            p.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise EdgeInferError(f"could not write the ONNX graph into {pkg.path}: {e.strerror or e}") from None
+        raise
+    return pkg.path / ONNX_FILE

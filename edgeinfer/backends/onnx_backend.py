@@ -1,0 +1,215 @@
+"""The ONNX Runtime backend: the package's ``model.onnx`` on ORT's CPU (or another) execution provider.
+
+The KV cache is one numpy buffer per layer and kind, ``[1, kv_heads, capacity, head_dim]``, bound through
+IO binding as both ``past_*`` and ``present_*``: GroupQueryAttention appends in place. Capacity grows in
+steps (a copy per step, never per token); rolling back is lowering ``offset``.
+
+The first session on a machine saves ORT's optimized graph (fusions, constant folding, prepacked int4
+weights) in the cache folder; later loads of the same package read it and skip the optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeInferError
+from ..package import Package
+
+ONNX_FILE = "model.onnx"
+
+
+def ort_cache_dir() -> Path:
+    root = os.environ.get("EDGEINFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgeinfer")
+    return Path(root) / "ort"
+
+
+class ONNXCache:
+    def __init__(self, spec, max_tokens: int, step: int = 256):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.spec = spec
+        self.step = step
+        self.max_tokens = max_tokens
+        self.offset = 0
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.ort_keys: list = []
+        self.ort_values: list = []
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def reserve(self, n: int) -> bool:
+        """Makes room for ``n`` more positions; returns True when the buffers were replaced."""
+        need = self.offset + n
+        if need > self.max_tokens:
+            raise EdgeInferError(f"the context would grow to {need} tokens, past this model's limit of {self.max_tokens}")
+        if need <= self.capacity:
+            return False
+        cap = min(((need + self.step - 1) // self.step) * self.step, self.max_tokens)
+        s = self.spec
+        shape = (1, s.num_kv_heads, cap, s.head_dim)
+        new_k = [np.zeros(shape, np.float32) for _ in range(s.num_layers)]
+        new_v = [np.zeros(shape, np.float32) for _ in range(s.num_layers)]
+        for old, new in zip(self.keys + self.values, new_k + new_v):
+            new[:, :, : self.offset] = old[:, :, : self.offset]
+        self.keys, self.values = new_k, new_v
+        ov = self._ort.OrtValue.ortvalue_from_numpy
+        self.ort_keys = [ov(a) for a in new_k]
+        self.ort_values = [ov(a) for a in new_v]
+        return True
+
+    def trim_to(self, n: int) -> None:
+        self.offset = max(0, min(n, self.offset))
+
+    def reset(self) -> None:
+        self.offset = 0
+
+
+class ONNXModel:
+    """``forward(tokens, cache)`` runs a chunk after the cached context and returns logits (numpy)."""
+
+    backend = "onnx"
+
+    def __init__(self, pkg: Package, threads: int | None = None, providers: list[str] | None = None,
+                 optimized_cache: bool = True):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EdgeInferError("the ONNX backend needs onnxruntime; install it with: pip install onnxruntime") from None
+        self.spec = pkg.spec
+        path = pkg.path / ONNX_FILE
+        if not path.exists():
+            raise EdgeInferError(f"{pkg.path} has no ONNX graph ({ONNX_FILE}); add one with: "
+                                 f"edgeinfer convert {pkg.path} --backend onnx")
+        available = ort.get_available_providers()
+        providers = providers or ["CPUExecutionProvider"]
+        missing = [p for p in providers if p not in available]
+        if missing:
+            raise EdgeInferError(f"execution provider {', '.join(missing)} is not installed; this onnxruntime has: {', '.join(available)}")
+        if threads is not None and threads < 1:
+            raise EdgeInferError(f"--threads must be at least 1, not {threads}")
+        self.threads = threads
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        model_path = str(path)
+        self.optimized_path = None
+        if optimized_cache:
+            where = hashlib.sha256(str(pkg.path.resolve()).encode()).hexdigest()[:12]
+            opt = ort_cache_dir() / f"{where}-{self._cache_key(pkg, providers, ort.__version__)}.onnx"
+            if opt.exists() and (opt.with_suffix(".data")).exists():
+                model_path = str(opt)
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            else:
+                try:
+                    opt.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = opt.with_name(f".{opt.stem}.{os.getpid()}.onnx")
+                    so.optimized_model_filepath = str(tmp)
+                    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", tmp.with_suffix(".data").name)
+                    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+                    self.optimized_path = (tmp, opt)
+                except OSError:
+                    pass
+            self.loaded_optimized = model_path != str(path)
+        try:
+            self.session = ort.InferenceSession(model_path, sess_options=so, providers=providers)
+        except Exception as e:  # ORT raises its own exception types with multi-line text
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgeInferError(f"cannot load {model_path}: {first}") from None
+        if self.optimized_path:
+            tmp, opt = self.optimized_path
+            try:  # publish atomically: data first, then the graph that names it
+                os.replace(tmp.with_suffix(".data"), opt.with_suffix(".data"))
+                # the graph names its data file; rewrite that name to the published one
+                self._rename_data_ref(tmp, opt)
+                for old in opt.parent.glob(f"{where}-*"):  # earlier versions of this package's graph
+                    if old.stem != opt.stem:
+                        old.unlink(missing_ok=True)
+            except OSError:
+                pass
+        self._binding = self.session.io_binding()
+        self._ov = ort.OrtValue.ortvalue_from_numpy
+        self._bound_cache = None
+        names = {i.name for i in self.session.get_inputs()}
+        need = {"input_ids", "seqlens_k", "total_sequence_length", "logits_start"}
+        if not need <= names:
+            raise EdgeInferError(f"{path} is not an edgeinfer graph (inputs {sorted(names)})")
+        self.providers = self.session.get_providers()
+
+    @staticmethod
+    def _cache_key(pkg: Package, providers: list[str], version: str) -> str:
+        h = hashlib.sha256()
+        files = pkg.manifest.get("files", {})
+        for name in (ONNX_FILE, "model.onnx.data", "model.safetensors"):
+            h.update(str(files.get(name, {}).get("sha256", "")).encode())
+            p = pkg.path / name
+            if p.exists():
+                st = p.stat()
+                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{version}|{','.join(providers)}|{_cpu_flags()}".encode())
+        return h.hexdigest()[:24]
+
+    @staticmethod
+    def _rename_data_ref(tmp: Path, opt: Path) -> None:
+        import onnx
+
+        m = onnx.load(str(tmp), load_external_data=False)
+        for t in m.graph.initializer:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = opt.with_suffix(".data").name
+        with open(tmp, "wb") as f:
+            f.write(m.SerializeToString())
+        os.replace(tmp, opt)
+
+    def new_cache(self, max_tokens: int | None = None) -> ONNXCache:
+        return ONNXCache(self.spec, max_tokens or self.spec.max_position_embeddings)
+
+    def forward(self, tokens, cache: ONNXCache, lazy: bool = False, last_only: bool = False) -> np.ndarray:
+        """Runs ``tokens`` (ids) after the cached context; returns logits [1, L, vocab] (or [1, 1, vocab]
+        with ``last_only``). Advances the cache."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
+        L = ids.shape[1]
+        b = self._binding
+        if cache.reserve(L) or self._bound_cache is not cache:
+            for i in range(self.spec.num_layers):
+                for kind, vals in (("key", cache.ort_keys), ("value", cache.ort_values)):
+                    b.bind_ortvalue_input(f"past_{kind}_{i}", vals[i])
+                    b.bind_ortvalue_output(f"present_{kind}_{i}", vals[i])
+            self._bound_cache = cache
+        total = cache.offset + L
+        start = L - 1 if last_only else 0
+        kept = L - start
+        logits = np.empty((1, kept, self.spec.vocab_size), np.float32)
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        b.bind_cpu_input("logits_start", np.array([start], np.int64))
+        b.bind_ortvalue_output("logits", self._ov(logits))
+        self.session.run_with_iobinding(b)
+        cache.offset = total
+        return logits
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return hashlib.sha256(line.encode()).hexdigest()[:12]
+    except OSError:
+        pass
+    import platform
+
+    return f"{sys.platform}-{platform.machine()}"
