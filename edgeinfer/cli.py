@@ -16,6 +16,7 @@ EPILOG = """examples:
   edgeinfer convert model.Q4_1.gguf -o models/mine   GGUF weights keep their quantization, losslessly
   edgeinfer generate -m models/smollm2 -p "Once upon a time" --max-tokens 64
   edgeinfer eval -m models/smollm2 ppl --data wiki.test.raw --window 512 --max-windows 8
+  edgeinfer bench -m models/smollm2 -p 512 -n 128 -r 5 --threads 2   prefill/decode t/s, like llama-bench
 
 -m accepts a package folder or a catalog name (smollm2-135m-instruct, gemma3-270m), which is fetched and
 converted into models/ on first use. Errors print one line and exit with status 2."""
@@ -40,6 +41,18 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for recently seen tokens (default 1: off)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears (repeatable)")
+
+
+def _add_meter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--meter", default="auto", metavar="auto|none|NAME",
+                   help="energy meter for the answer's joules (see `edgeinfer meters`); auto picks the best one here, "
+                        "the model estimate when the machine has no power counter (default auto)")
+
+
+def _attach_meter(m, a) -> None:
+    from .energy import open_meter
+
+    m.meter = open_meter(getattr(a, "meter", "none"))
 
 
 def _sampling(a) -> dict:
@@ -83,13 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (implies --chat)")
     p.add_argument("--no-stats", action="store_true", help="do not print the stats line")
+    _add_meter(p)
     _add_sampling(p)
 
     p = sub.add_parser("chat", help="chat with a model (interactive, or one prompt per line from a pipe)",
                        description="Interactive chat in a terminal. With stdin not a terminal, reads one prompt per line "
-                                   "and prints one answer per line.")
+                                   "and prints one answer per line. /help inside the chat lists its commands.")
     _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
+    p.add_argument("--no-markdown", action="store_true", help="print answers as plain text (no Markdown styling)")
+    _add_meter(p)
     _add_sampling(p, max_tokens=512)
 
     p = sub.add_parser("models", help="list the catalog's models and which are converted",
@@ -105,6 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     pp.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     pp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("bench", help="prefill and decode speed, like llama-bench",
+                       description="Prefill (ppP) and decode (tgN) tokens/s as mean and standard deviation over -r "
+                                   "repetitions, after a warm-up; random token ids (no tokenization); TTFT, peak memory, "
+                                   "the share of the memory-bandwidth roofline (bandwidth measured in the same run), "
+                                   "the machine and versions.")
+    p.add_argument("-m", "--model", default=None, help="package folder or catalog name (default: the catalog's default model)")
+    p.add_argument("-p", type=int, default=512, metavar="N", help="prompt tokens of the prefill test (default 512)")
+    p.add_argument("-n", type=int, default=128, metavar="N", help="decode steps of the generation test (default 128)")
+    p.add_argument("-r", type=int, default=5, metavar="N", help="repetitions (default 5)")
+    p.add_argument("--backend", default="auto", help="backend, or several separated by commas: auto, mlx, onnx (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for backends that take a count (default: theirs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
+    p.add_argument("--no-warmup", action="store_true", help="count the first run too")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = sub.add_parser("meters", help="list the energy meters this machine offers",
+                       description="List every energy meter edgeinfer knows, what it measures (its source label), whether "
+                                   "it works here and why not, and which one --meter auto picks.")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+    from edgeinfer.apps.profile import add_profile_parser
+
+    add_profile_parser(sub)
     return ap
 
 
@@ -132,6 +173,7 @@ def cmd_convert(a) -> int:
 
 def cmd_generate(a) -> int:
     m = _load(a)
+    _attach_meter(m, a)
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     if a.system or a.chat:
         msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
@@ -150,7 +192,9 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from edgeinfer.apps.chat import run_chat
 
-    return run_chat(_load(a), a, _sampling(a))
+    m = _load(a)
+    _attach_meter(m, a)
+    return run_chat(m, a, _sampling(a))
 
 
 def cmd_models(a) -> int:
@@ -182,12 +226,32 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from edgeinfer.apps.bench import main_bench
+
+    return main_bench(a)
+
+
+def cmd_meters(a) -> int:
+    from .energy import print_meters
+
+    print_meters(json_out=a.json)
+    return 0
+
+
+def cmd_profile(a) -> int:
+    from edgeinfer.apps.profile import run_profile
+
+    return run_profile(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
         return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
-                "models": cmd_models}[a.cmd](a)
+                "models": cmd_models, "bench": cmd_bench,
+                "meters": cmd_meters, "profile": cmd_profile}[a.cmd](a)
     except EdgeInferError as e:
         print(f"edgeinfer: {e}", file=sys.stderr)
         return e.exit_code
