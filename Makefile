@@ -11,13 +11,14 @@ OPENBLAS_X86   := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 OPENBLAS_ARM64 := /usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-test run test clean openblas
+.PHONY: help setup setup-test run test clean openblas bench-peers
 
 help:
 	@echo "make run      set up .venv (runtime deps) and chat with the default model; ARGS='...' for more"
 	@echo "make test     set up .venv with the test extras and run pytest; PYTEST_ARGS='...' for more"
 	@echo "make setup    runtime deps only        make setup-test   runtime + test deps"
 	@echo "make clean    remove build artefacts and __pycache__ (keeps .venv, models/ and the model cache)"
+	@echo "make bench-peers   install the peers (llama.cpp, onnxruntime-genai, mlx-lm) and run benchmarks/peers.py; ARGS='...'"
 
 setup: $(VENV)/.stamp-runtime
 
@@ -84,6 +85,16 @@ openblas:
 	    fi; \
 	  fi; \
 	fi; true
+
+# The side-by-side benchmark (issue 3): peers are an optional extra, never runtime dependencies.
+# Writes its section of docs/BENCHMARKS.md; ARGS='-r 5 --threads 2' etc. are passed to the script.
+$(VENV)/.stamp-peers: pyproject.toml $(VENV)/.stamp-runtime
+	@echo "installing the benchmark peers into $(VENV) (llama-cpp-python compiles llama.cpp: minutes)"
+	@$(VPY) -m pip install -q -e '.[peers]'
+	@touch $@
+
+bench-peers: $(VENV)/.stamp-peers
+	$(VPY) benchmarks/peers.py $(ARGS)
 
 clean:
 	rm -rf build dist .pytest_cache edgeinfer.egg-info
