@@ -28,7 +28,6 @@ import numpy as np
 
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.package import Package
-from edgeinfer.spec import ArchSpec, rope_inv_freq, yarn_mscale
 
 from .quantize import pack_bits, unpack_bits
 from .safetensors_io import SafetensorsFile
@@ -36,7 +35,6 @@ from .safetensors_io import SafetensorsFile
 ONNX_FILE = "model.onnx"
 ONNX_DATA = "model.onnx.data"
 OPSET = 21
-MAX_ROPE_POSITIONS = 32768  # rotary tables beyond this cost memory for contexts no laptop runs
 ALIGN = 4096  # external data offsets page-aligned, so ORT can map them
 
 
@@ -189,13 +187,6 @@ class _Linear:
         return g.node("Add", [y, g.node("MatMul", [sums, self.corr])])
 
 
-def rope_tables(spec: ArchSpec, layer: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    inv = rope_inv_freq(spec, layer)
-    t = np.arange(positions, dtype=np.float64)[:, None] * inv[None, :]
-    m = yarn_mscale(spec)
-    return (np.cos(t) * m).astype(np.float32), (np.sin(t) * m).astype(np.float32)
-
-
 def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: int = 4, fuse: bool = True,
                 progress=None) -> None:
     """Writes the graph to ``onnx_path`` and its tensors to ``data_path``, both in the package folder; the
@@ -210,10 +201,25 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
     g = _Graph(Path(data_path), ONNX_DATA, weights, os.path.relpath(pkg.weights_path, Path(onnx_path).parent))
     H, D, nq, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
     eps = float(spec.rms_norm_eps)
-    positions = min(spec.max_position_embeddings, MAX_ROPE_POSITIONS)
     try:
         f32 = lambda n: g.const(n, np.asarray(weights.get(n), np.float32))  # noqa: E731
         lin = lambda names: _Linear(g, pkg, names, accuracy_level)  # noqa: E731
+
+        def fusable(names: list[str]) -> bool:
+            """One MatMulNBits for several projections needs one storage format for all of them
+            (GGUF Q4_K_M mixes 4-, 5- and 6-bit tensors within a layer)."""
+            if not fuse:
+                return False
+            per = pkg.quantization.get("tensors", {})
+            kinds = {(f"{n}.scales" in weights.header, repr(per.get(n, pkg.quantization))) for n in names}
+            return len(kinds) == 1
+
+        def projections(names: list[str], x: str) -> list[str]:
+            if fusable(names):
+                sizes = [weights.header[f"{n}.scales" if f"{n}.scales" in weights.header else f"{n}.weight"]["shape"][0]
+                         for n in names]
+                return g.node("Split", [lin(names)(x), g.int64(sizes)], n_out=len(names), axis=-1)
+            return [lin([n])(x) for n in names]
 
         # -- embedding: rows of the (possibly quantized) table, shared with a tied head -------------
         embed = lin(["embed"]) if "embed.scales" in weights.header else None
@@ -242,15 +248,14 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
         if spec.embed_scale != 1.0:
             x = g.node("Mul", [x, g.const("embed_scale", np.array(spec.embed_scale, np.float32))])
 
-        # -- rotary tables, one per distinct rope setting -------------------------------------------
+        # -- rotary tables: graph inputs the runtime fills for its planned context (a table for the
+        # whole 32k context of Gemma 3 would be 67 MB on disk); named after the first layer using them
         tables: dict = {}
 
         def rope_for(layer: int):
             key = (spec.rope_base(layer), repr(spec.rope_scaling_for(layer)))
             if key not in tables:
-                c, s = rope_tables(spec, layer, positions)
-                k = len(tables)
-                tables[key] = (g.const(f"rope{k}.cos", c), g.const(f"rope{k}.sin", s))
+                tables[key] = (f"rope_cos_{layer}", f"rope_sin_{layer}")
             return tables[key]
 
         seqlens, total = "seqlens_k", "total_sequence_length"
@@ -261,21 +266,21 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
             if progress:
                 progress(i)
             p = f"layers.{i}"
-            if fuse:
-                qkv = lin([f"{p}.attn.q_proj", f"{p}.attn.k_proj", f"{p}.attn.v_proj"])(h)
+            qkv_names = [f"{p}.attn.{n}_proj" for n in "qkv"]
+            packed = not spec.qk_norm and fusable(qkv_names)
+            if packed:
+                qkv_in = [lin(qkv_names)(h), "", ""]  # [q | k | v] in one tensor, as GroupQueryAttention takes it
             else:
-                qkv = g.node("Concat", [lin([f"{p}.attn.{n}_proj"])(h) for n in "qkv"], axis=-1)
+                q, k, v = projections(qkv_names, h)
             if spec.qk_norm:
-                q, k, v = g.node("Split", [qkv, g.int64([nq * D, nkv * D, nkv * D])], n_out=3, axis=-1)
                 q = g.node("Reshape", [g.node("SimplifiedLayerNormalization",
                                               [g.node("Reshape", [q, g.int64([0, 0, nq, D])]), f32(f"{p}.attn.q_norm.weight")],
                                               axis=-1, epsilon=eps), g.int64([0, 0, nq * D])])
                 k = g.node("Reshape", [g.node("SimplifiedLayerNormalization",
                                               [g.node("Reshape", [k, g.int64([0, 0, nkv, D])]), f32(f"{p}.attn.k_norm.weight")],
                                               axis=-1, epsilon=eps), g.int64([0, 0, nkv * D])])
+            if not packed:
                 qkv_in = [q, k, v]
-            else:
-                qkv_in = [qkv, "", ""]
             cos, sin = rope_for(i)
             past_k, past_v = f"past_key_{i}", f"past_value_{i}"
             pres_k, pres_v = f"present_key_{i}", f"present_value_{i}"
@@ -296,11 +301,7 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
                 o = g.node("SimplifiedLayerNormalization", [o, f32(f"{p}.post_attn_norm.weight")], axis=-1, epsilon=eps)
             h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, f32(f"{p}.mlp_norm.weight")],
                                        n_out=4, domain="com.microsoft", epsilon=eps, name=f"l{i}.mlp_norm")
-            I = spec.intermediate_size
-            if fuse:
-                gate, up = g.node("Split", [lin([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])(h), g.int64([I, I])], n_out=2, axis=-1)
-            else:
-                gate, up = lin([f"{p}.mlp.gate_proj"])(h), lin([f"{p}.mlp.up_proj"])(h)
+            gate, up = projections([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], h)
             if spec.mlp_act == "silu":
                 act = g.node("Mul", [gate, g.node("Sigmoid", [gate])])
             else:
@@ -333,7 +334,8 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
             helper.make_tensor_value_info("logits_start", TensorProto.INT64, [1]),
-        ] + [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, nkv, cap, D]) for n in kv_inputs]
+        ] + [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["rope_positions", D // 2]) for t in tables.values() for n in t] \
+          + [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, nkv, cap, D]) for n in kv_inputs]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "kept", spec.vocab_size])] + [
             helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, nkv, cap, D]) for n in kv_outputs]
         graph = helper.make_graph(g.nodes, f"edgeinfer_{spec.arch}", inputs, outputs, initializer=g.inits)

@@ -142,6 +142,13 @@ def yarn_mscale(spec: ArchSpec) -> float:
     return float(s.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0))
 
 
+def rope_tables(spec: ArchSpec, layer: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin [positions, head_dim / 2] of one layer's rotary embedding, YaRN's factor included."""
+    t = np.arange(positions, dtype=np.float64)[:, None] * rope_inv_freq(spec, layer)[None, :]
+    m = yarn_mscale(spec)
+    return (np.cos(t) * m).astype(np.float32), (np.sin(t) * m).astype(np.float32)
+
+
 def _require(cfg: dict, key: str, where: str):
     if key not in cfg or cfg[key] is None:
         raise EdgeInferError(f"{where} is missing the required key {key!r}")

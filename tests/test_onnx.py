@@ -164,7 +164,7 @@ def test_a_graph_that_fails_to_load_is_one_clear_error(onnx_package, tmp_path):
     size = (bad / "model.onnx").stat().st_size  # same size: the manifest's size check passes, ORT must refuse
     (bad / "model.onnx").write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
     with pytest.raises(EdgeInferError, match="cannot load .*model.onnx"):
-        edgeinfer.load(bad, backend="onnx", optimized_cache=False)
+        edgeinfer.load(bad, backend="onnx")
 
 
 def test_missing_execution_provider_is_one_clear_error(onnx_package):
@@ -194,15 +194,3 @@ def test_convert_into_a_package_with_another_out_is_refused(tiny_package, tmp_pa
                         str(tmp_path / "x"), "--backend", "onnx"], capture_output=True, text=True, env=cli_env())
     assert r.returncode == 2 and "already an edgeinfer package" in r.stderr
     assert not (tmp_path / "x").exists()
-
-
-def test_optimized_graph_is_saved_and_reused(onnx_package, tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGEINFER_CACHE", str(tmp_path / "cache"))
-    path = onnx_package("gemma3")
-    first = edgeinfer.load(path, backend="onnx")
-    assert not first.backend.loaded_optimized
-    saved = list((tmp_path / "cache" / "ort").glob("*.onnx"))
-    assert len(saved) == 1
-    second = edgeinfer.load(path, backend="onnx")
-    assert second.backend.loaded_optimized
-    np.testing.assert_allclose(second.logits(PROMPT), first.logits(PROMPT), atol=1e-5, rtol=0)

@@ -2,38 +2,35 @@
 
 The KV cache is one numpy buffer per layer and kind, ``[1, kv_heads, capacity, head_dim]``, bound through
 IO binding as both ``past_*`` and ``present_*``: GroupQueryAttention appends in place. Capacity grows in
-steps (a copy per step, never per token); rolling back is lowering ``offset``.
+steps (a copy per step, never per token); rolling back is lowering ``offset``. The rotary cos/sin
+tables are graph inputs sized with the buffers, so a long maximum context costs nothing until used.
 
-The first session on a machine saves ORT's optimized graph (fusions, constant folding, prepacked int4
-weights) in the cache folder; later loads of the same package read it and skip the optimizer.
+The exporter writes the already-fused graph (GroupQueryAttention, SkipSimplifiedLayerNormalization,
+MatMulNBits), so ORT's optimizer has little left to do at load: measured 0.00-0.09 s of a 0.3-0.5 s load
+for SmolLM2 and Gemma 3 270M. A saved ORT-optimized copy was no faster to load and duplicated the
+weights on disk (111-373 MB), so none is kept.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import sys
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import EdgeInferError
 from ..package import Package
+from ..spec import rope_tables
 
 ONNX_FILE = "model.onnx"
 
 
-def ort_cache_dir() -> Path:
-    root = os.environ.get("EDGEINFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edgeinfer")
-    return Path(root) / "ort"
-
-
 class ONNXCache:
-    def __init__(self, spec, max_tokens: int, step: int = 256):
+    def __init__(self, spec, max_tokens: int, rope_inputs: dict[str, tuple[int, str]], step: int = 256):
         import onnxruntime as ort
 
         self._ort = ort
         self.spec = spec
+        self.rope_inputs = rope_inputs  # graph input -> (layer whose rope it is, "cos"|"sin")
+        self.rope: dict = {}
         self.step = step
         self.max_tokens = max_tokens
         self.offset = 0
@@ -64,6 +61,10 @@ class ONNXCache:
         ov = self._ort.OrtValue.ortvalue_from_numpy
         self.ort_keys = [ov(a) for a in new_k]
         self.ort_values = [ov(a) for a in new_v]
+        self.rope = {}
+        for name, (layer, kind) in self.rope_inputs.items():
+            cos, sin = rope_tables(s, layer, cap)
+            self.rope[name] = ov(cos if kind == "cos" else sin)
         return True
 
     def trim_to(self, n: int) -> None:
@@ -78,8 +79,7 @@ class ONNXModel:
 
     backend = "onnx"
 
-    def __init__(self, pkg: Package, threads: int | None = None, providers: list[str] | None = None,
-                 optimized_cache: bool = True):
+    def __init__(self, pkg: Package, threads: int | None = None, providers: list[str] | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -103,78 +103,23 @@ class ONNXModel:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        model_path = str(path)
-        self.optimized_path = None
-        if optimized_cache:
-            where = hashlib.sha256(str(pkg.path.resolve()).encode()).hexdigest()[:12]
-            opt = ort_cache_dir() / f"{where}-{self._cache_key(pkg, providers, ort.__version__)}.onnx"
-            if opt.exists() and (opt.with_suffix(".data")).exists():
-                model_path = str(opt)
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            else:
-                try:
-                    opt.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = opt.with_name(f".{opt.stem}.{os.getpid()}.onnx")
-                    so.optimized_model_filepath = str(tmp)
-                    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", tmp.with_suffix(".data").name)
-                    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-                    self.optimized_path = (tmp, opt)
-                except OSError:
-                    pass
-            self.loaded_optimized = model_path != str(path)
         try:
-            self.session = ort.InferenceSession(model_path, sess_options=so, providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as e:  # ORT raises its own exception types with multi-line text
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EdgeInferError(f"cannot load {model_path}: {first}") from None
-        if self.optimized_path:
-            tmp, opt = self.optimized_path
-            try:  # publish atomically: data first, then the graph that names it
-                os.replace(tmp.with_suffix(".data"), opt.with_suffix(".data"))
-                # the graph names its data file; rewrite that name to the published one
-                self._rename_data_ref(tmp, opt)
-                for old in opt.parent.glob(f"{where}-*"):  # earlier versions of this package's graph
-                    if old.stem != opt.stem:
-                        old.unlink(missing_ok=True)
-            except OSError:
-                pass
-        self._binding = self.session.io_binding()
-        self._ov = ort.OrtValue.ortvalue_from_numpy
-        self._bound_cache = None
+            raise EdgeInferError(f"cannot load {path}: {first}") from None
         names = {i.name for i in self.session.get_inputs()}
         need = {"input_ids", "seqlens_k", "total_sequence_length", "logits_start"}
         if not need <= names:
             raise EdgeInferError(f"{path} is not an edgeinfer graph (inputs {sorted(names)})")
+        self.rope_inputs = {n: (int(n.rsplit("_", 1)[1]), n.split("_")[1]) for n in names if n.startswith("rope_")}
+        self._binding = self.session.io_binding()
+        self._ov = ort.OrtValue.ortvalue_from_numpy
+        self._bound_cache = None
         self.providers = self.session.get_providers()
 
-    @staticmethod
-    def _cache_key(pkg: Package, providers: list[str], version: str) -> str:
-        h = hashlib.sha256()
-        files = pkg.manifest.get("files", {})
-        for name in (ONNX_FILE, "model.onnx.data", "model.safetensors"):
-            h.update(str(files.get(name, {}).get("sha256", "")).encode())
-            p = pkg.path / name
-            if p.exists():
-                st = p.stat()
-                h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        h.update(f"{version}|{','.join(providers)}|{_cpu_flags()}".encode())
-        return h.hexdigest()[:24]
-
-    @staticmethod
-    def _rename_data_ref(tmp: Path, opt: Path) -> None:
-        import onnx
-
-        m = onnx.load(str(tmp), load_external_data=False)
-        for t in m.graph.initializer:
-            for e in t.external_data:
-                if e.key == "location":
-                    e.value = opt.with_suffix(".data").name
-        with open(tmp, "wb") as f:
-            f.write(m.SerializeToString())
-        os.replace(tmp, opt)
-
     def new_cache(self, max_tokens: int | None = None) -> ONNXCache:
-        return ONNXCache(self.spec, max_tokens or self.spec.max_position_embeddings)
+        return ONNXCache(self.spec, max_tokens or self.spec.max_position_embeddings, self.rope_inputs)
 
     def forward(self, tokens, cache: ONNXCache, lazy: bool = False, last_only: bool = False) -> np.ndarray:
         """Runs ``tokens`` (ids) after the cached context; returns logits [1, L, vocab] (or [1, 1, vocab]
@@ -187,6 +132,8 @@ class ONNXModel:
                 for kind, vals in (("key", cache.ort_keys), ("value", cache.ort_values)):
                     b.bind_ortvalue_input(f"past_{kind}_{i}", vals[i])
                     b.bind_ortvalue_output(f"present_{kind}_{i}", vals[i])
+            for name, value in cache.rope.items():
+                b.bind_ortvalue_input(name, value)
             self._bound_cache = cache
         total = cache.offset + L
         start = L - 1 if last_only else 0
@@ -200,16 +147,3 @@ class ONNXModel:
         self.session.run_with_iobinding(b)
         cache.offset = total
         return logits
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return hashlib.sha256(line.encode()).hexdigest()[:12]
-    except OSError:
-        pass
-    import platform
-
-    return f"{sys.platform}-{platform.machine()}"
