@@ -258,6 +258,16 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
                 tables[key] = (f"rope_cos_{layer}", f"rope_sin_{layer}")
             return tables[key]
 
+        def mlp(p: str, h: str) -> str:
+            """The feed-forward block of layer ``p``: the place an MoE block (router + experts under an
+            expert budget) goes; its projections go through ``lin``, where R-Sparse linears go."""
+            gate, up = projections([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], h)
+            if spec.mlp_act == "silu":
+                act = g.node("Mul", [gate, g.node("Sigmoid", [gate])])
+            else:
+                act = g.node("FastGelu", [gate], domain="com.microsoft")
+            return lin([f"{p}.mlp.down_proj"])(g.node("Mul", [act, up]))
+
         seqlens, total = "seqlens_k", "total_sequence_length"
         h = g.node("SimplifiedLayerNormalization", [x, f32("layers.0.attn_norm.weight")], axis=-1, epsilon=eps, name="l0.attn_norm")
         residual = x
@@ -301,12 +311,7 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
                 o = g.node("SimplifiedLayerNormalization", [o, f32(f"{p}.post_attn_norm.weight")], axis=-1, epsilon=eps)
             h, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [o, residual, f32(f"{p}.mlp_norm.weight")],
                                        n_out=4, domain="com.microsoft", epsilon=eps, name=f"l{i}.mlp_norm")
-            gate, up = projections([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], h)
-            if spec.mlp_act == "silu":
-                act = g.node("Mul", [gate, g.node("Sigmoid", [gate])])
-            else:
-                act = g.node("FastGelu", [gate], domain="com.microsoft")
-            m = lin([f"{p}.mlp.down_proj"])(g.node("Mul", [act, up]))
+            m = mlp(p, h)
             if spec.sandwich_norm:
                 m = g.node("SimplifiedLayerNormalization", [m, f32(f"{p}.post_mlp_norm.weight")], axis=-1, epsilon=eps)
             nxt = f"layers.{i + 1}.attn_norm.weight" if i + 1 < spec.num_layers else "norm.weight"

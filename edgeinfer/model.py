@@ -82,8 +82,20 @@ class Model:
         from .backends import choose_backend, open_backend
 
         self.backend_name = choose_backend(self.package, backend, notice=_notice)
-        self.backend = open_backend(self.package, self.backend_name, notice=_notice, **backend_opts)
-        self.cache = self.backend.new_cache()
+        requested = dict(backend_opts)
+        self.plan, backend_opts = self._plan_memory(backend_opts)
+        try:
+            self.backend = open_backend(self.package, self.backend_name, notice=_notice, **backend_opts)
+        except EdgeInferError as e:
+            if backend != "auto" or self.backend_name != "onnx":
+                raise
+            # auto never fails for want of ONNX Runtime: a broken graph or a missing provider falls back
+            _notice(f"{e}; running on MLX instead")
+            self.backend_name = "mlx"
+            requested.pop("providers", None)
+            self.plan, backend_opts = self._plan_memory(requested)
+            self.backend = open_backend(self.package, self.backend_name, notice=_notice, **backend_opts)
+        self.cache = self.backend.new_cache(max_tokens=self.plan.context_tokens)
         self.cache_tokens: list[int] = []  # the token ids whose keys/values the cache holds
         self.stats = GenerationStats()
         # An energy meter (edgeinfer.energy): ``begin() -> mark``, ``end(mark) -> joules`` and ``source``.

@@ -72,6 +72,17 @@ def test_logits_match_mlx(onnx_package, arch, bits, group):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_graph_matches_transformers(onnx_package, hf_models, arch):
+    """Directly against the reference, so a bug shared by both backends cannot hide (measured <= 5e-6)."""
+    import torch
+
+    with torch.no_grad():
+        ref = hf_models(arch)(torch.tensor([PROMPT])).logits[0].float().numpy()
+    got = edgeinfer.load(onnx_package(arch, 32, 64), backend="onnx", threads=1).logits(PROMPT)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_tokens_match_mlx_for_64_steps(onnx_package, arch):
     mlx, ort = _pair(onnx_package(arch, 4, 32))
     kw = dict(max_tokens=64, ignore_eos=True)
@@ -165,6 +176,21 @@ def test_a_graph_that_fails_to_load_is_one_clear_error(onnx_package, tmp_path):
     (bad / "model.onnx").write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
     with pytest.raises(EdgeInferError, match="cannot load .*model.onnx"):
         edgeinfer.load(bad, backend="onnx")
+
+
+def test_auto_falls_back_to_mlx_when_the_graph_fails(onnx_package, tmp_path, capsys):
+    from edgeinfer.backends import is_apple_silicon
+
+    if is_apple_silicon():
+        pytest.skip("auto picks MLX on Apple Silicon without trying ONNX")
+    bad = tmp_path / "bad"
+    shutil.copytree(onnx_package("llama"), bad)
+    size = (bad / "model.onnx").stat().st_size
+    (bad / "model.onnx").write_bytes(bytes(size))
+    m = edgeinfer.load(bad)
+    assert m.backend_name == "mlx" and m.generate("ab", max_tokens=3) is not None
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "running on MLX instead" in err
 
 
 def test_missing_execution_provider_is_one_clear_error(onnx_package):
