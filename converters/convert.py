@@ -92,7 +92,7 @@ def convert(
     name: str | None = None,
     chat_template: str | None = None,
     backend: str = "all",
-    accuracy_level: int = 4,
+    accuracy_level: int | None = None,
 ) -> Path:
     """``backend``: ``mlx`` writes the weights only; ``onnx``/``all`` also write the ONNX graph (which reads
     its weights from the same file). An existing package as ``src`` gets its graph added in place."""

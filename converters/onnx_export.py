@@ -188,9 +188,9 @@ class _Linear:
 
 
 def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: int = 4, fuse: bool = True,
-                progress=None) -> None:
+                progress=None, data_location: str = ONNX_DATA) -> None:
     """Writes the graph to ``onnx_path`` and its tensors to ``data_path``, both in the package folder; the
-    graph names its data file ``model.onnx.data`` (the caller renames temporary names into place)."""
+    graph names its data file ``data_location``."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -198,7 +198,7 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
     if spec.arch not in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
         raise EdgeInferError(f"the ONNX exporter does not know the {spec.arch} architecture")
     weights = SafetensorsFile(pkg.weights_path)
-    g = _Graph(Path(data_path), ONNX_DATA, weights, os.path.relpath(pkg.weights_path, Path(onnx_path).parent))
+    g = _Graph(Path(data_path), data_location, weights, os.path.relpath(pkg.weights_path, Path(onnx_path).parent))
     H, D, nq, nkv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
     eps = float(spec.rms_norm_eps)
     try:
@@ -355,10 +355,75 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
         os.fsync(f.fileno())
 
 
-def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int = 4, fuse: bool = True, progress: bool = True) -> Path:
+# Text for the int8-activation check: generic prose, never evaluation data.
+CHECK_TEXT = (
+    "The old lighthouse stood at the end of the harbour, and every evening the keeper climbed its narrow "
+    "stairs to light the lamp. Ships passing in the night relied on its steady beam to find their way home. "
+    "In the morning he wrote down the weather, the tides and the names of the boats that had come in, "
+    "then walked to the village to buy bread, cheese and a newspaper. Children often asked him whether he "
+    "was lonely, and he always answered that the sea was good company, as long as one listened to it."
+)
+MAX_CHECK_KL = 0.05  # mean KL (nats) of the int8-activation graph to the exact one; SmolLM2: 0.004-0.007
+
+
+def _set_accuracy(model, level: int) -> None:
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits":
+            for a in n.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+
+
+def _set_data_location(model, location: str) -> None:
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location" and e.value.startswith(ONNX_DATA):
+                e.value = location
+
+
+def check_int8_activations(pkg: Package, graph_path: Path, tokens: int = 128) -> dict:
+    """Runs the graph at accuracy level 4 (int8 activations) and 1 (float) on CHECK_TEXT; returns the
+    mean KL of the fast logits to the exact ones and their top-1 agreement."""
+    import onnx
+
+    from edgeinfer.backends.onnx_backend import ONNXModel
+    from edgeinfer.tokenizer import Tokenizer
+
+    tok = Tokenizer(pkg.path, pkg.tokenizer_info)
+    ids = tok.encode(CHECK_TEXT)[:tokens]
+    model = onnx.load(str(graph_path), load_external_data=False)
+    exact_path = graph_path.with_name(graph_path.name + ".exact")
+    logits = []
+    try:
+        for level, path in ((4, graph_path.with_name(graph_path.name + ".fast")), (1, exact_path)):
+            _set_accuracy(model, level)
+            onnx.save(model, str(path))
+            try:
+                b = ONNXModel(pkg, graph=path)
+                logits.append(b.forward(ids, b.new_cache(len(ids)))[0].astype(np.float64))
+            finally:
+                path.unlink(missing_ok=True)
+    finally:
+        exact_path.unlink(missing_ok=True)
+
+    def logsoftmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    fast, exact = (logsoftmax(x) for x in logits)
+    kl = float((np.exp(exact) * (exact - fast)).sum(-1).mean())
+    top1 = float((fast.argmax(-1) == exact.argmax(-1)).mean())
+    return {"kl": round(kl, 5), "top1": round(top1, 4), "tokens": len(ids), "max_kl": MAX_CHECK_KL}
+
+
+def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int | None = None, fuse: bool = True, progress: bool = True) -> Path:
     """Adds (or replaces) ``model.onnx`` + ``model.onnx.data`` in a package and records them in its
     manifest. Files are written under temporary names and renamed into place; the manifest is replaced
-    last, so an interrupted run leaves the package as it was (at worst with an unrecorded graph)."""
+    last, so an interrupted run leaves the package as it was (at worst with an unrecorded graph).
+
+    ``accuracy_level=None`` (auto) writes the fast graph (int8 activations) when its logits stay within
+    ``MAX_CHECK_KL`` of the exact graph's on a short text, else the exact graph (Gemma 3's activation
+    outliers lose too much in int8 groups: KL 0.55 there), and records the check in the manifest."""
     import json
 
     from tqdm import tqdm
@@ -370,22 +435,38 @@ def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int = 4, fuse: bool = Tr
     except ImportError:
         raise EdgeInferError("writing ONNX graphs needs the onnx package: pip install onnx") from None
     pkg = open_package(pkg_dir)
-    if accuracy_level not in (0, 1, 2, 3, 4):
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
         raise EdgeInferError(f"accuracy level must be 0..4, not {accuracy_level}")
     tag = f".partial-{os.getpid()}"
     tmp_graph, tmp_data = pkg.path / (ONNX_FILE + tag), pkg.path / (ONNX_DATA + tag)
     bar = tqdm(total=pkg.spec.num_layers, desc="onnx graph", unit="layer", disable=None if progress else True,
                leave=False, file=sys.stderr)
     try:
-        build_graph(pkg, tmp_graph, tmp_data, accuracy_level=accuracy_level, fuse=fuse, progress=lambda i: bar.update(1))
+        level = 4 if accuracy_level is None else accuracy_level
+        build_graph(pkg, tmp_graph, tmp_data, accuracy_level=level, fuse=fuse, progress=lambda i: bar.update(1),
+                    data_location=tmp_data.name)
         bar.close()
+        check = None
+        if accuracy_level is None:
+            check = check_int8_activations(pkg, tmp_graph)
+            if check["kl"] > MAX_CHECK_KL:
+                level = 1
+                print(f"edgeinfer: int8 activations lose too much on this model (mean KL {check['kl']:.3f} > "
+                      f"{MAX_CHECK_KL} on a test text): wrote the exact ONNX graph, which is slow; --backend auto runs "
+                      f"it on MLX", file=sys.stderr)
+        model = onnx.load(str(tmp_graph), load_external_data=False)
+        _set_accuracy(model, level)
+        _set_data_location(model, ONNX_DATA)
+        onnx.save(model, str(tmp_graph))
         manifest = dict(pkg.manifest)
         files = dict(manifest.get("files", {}))
         for final, tmp in ((ONNX_FILE, tmp_graph), (ONNX_DATA, tmp_data)):
             files[final] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
         manifest["files"] = dict(sorted(files.items()))
-        manifest["onnx"] = {"file": ONNX_FILE, "data": ONNX_DATA, "opset": OPSET, "accuracy_level": accuracy_level,
+        manifest["onnx"] = {"file": ONNX_FILE, "data": ONNX_DATA, "opset": OPSET, "accuracy_level": level,
                             "fused_projections": fuse, "onnx_version": onnx.__version__}
+        if check:
+            manifest["onnx"]["int8_check"] = check
         tmp_manifest = pkg.path / (MANIFEST + tag)
         with open(tmp_manifest, "w") as f:
             json.dump(manifest, f, indent=1)
@@ -396,7 +477,7 @@ def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int = 4, fuse: bool = Tr
         os.replace(tmp_manifest, pkg.path / MANIFEST)
     except BaseException as e:
         bar.close()
-        for p in pkg.path.glob(f"*{tag}"):
+        for p in pkg.path.glob(f"*{tag}*"):
             p.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise EdgeInferError(f"could not write the ONNX graph into {pkg.path}: {e.strerror or e}") from None

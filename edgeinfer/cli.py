@@ -31,6 +31,23 @@ def _add_model(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the ONNX backend (default: one per core)")
 
 
+def _add_memory(p: argparse.ArgumentParser) -> None:
+    """--memory-budget, --context and --kv-overflow: the memory planner's inputs (edgeinfer.memory)."""
+    g = p.add_argument_group("memory")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="memory the model may use, e.g. 1.5GB, 800MiB or 60%% (of the machine's memory); default: what the "
+                        "device has available, less headroom for the OS")
+    g.add_argument("--context", type=int, default=None, metavar="N",
+                   help="context tokens to plan for (default: the model's maximum, shortened when it does not fit)")
+    g.add_argument("--kv-overflow", choices=["refuse", "rotate"], default="refuse",
+                   help="when the context is full: refuse (stop, with a clear message; default) or rotate (forget the oldest tokens)")
+
+
+def _memory(a) -> dict:
+    return dict(memory_budget=getattr(a, "memory_budget", None), context=getattr(a, "context", None),
+                kv_overflow=getattr(a, "kv_overflow", None) or "refuse")
+
+
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
@@ -77,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="all", choices=["mlx", "onnx", "all"],
                    help="what to write: mlx (weights only), onnx or all (weights + model.onnx, which reads the same "
                         "weights) (default all)")
-    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
-                   help="ONNX MatMulNBits compute: 4 = int8 activations, fast (default); 0/1 = float, exact, ~10x slower")
+    p.add_argument("--accuracy-level", default="auto", choices=["auto", "1", "4"],
+                   help="ONNX MatMulNBits compute: 4 = int8 activations in groups, fast, like llama.cpp's Q8 dot products; "
+                        "1 = float, exact, ~25x slower decode; auto (default) = 4 unless a check on a short text finds "
+                        "its logits too far from exact, then 1")
     p.add_argument("--bits", type=int, choices=[4, 8, 16, 32], default=None,
                    help="weight bits: 4 or 8 (affine groups), 16 (fp16), 32 (fp32). Default: 4 for HF sources; "
                         "GGUF keeps its own quantized tensors and stores float ones in fp16")
@@ -97,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (implies --chat)")
     p.add_argument("--no-stats", action="store_true", help="do not print the stats line")
     _add_meter(p)
+    _add_memory(p)
     _add_sampling(p)
 
     p = sub.add_parser("chat", help="chat with a model (interactive, or one prompt per line from a pipe)",
@@ -107,13 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
     p.add_argument("--no-markdown", action="store_true", help="print answers as plain text (no Markdown styling)")
     _add_meter(p)
+    _add_memory(p)
     _add_sampling(p, max_tokens=512)
+
+    p = sub.add_parser("plan", help="how a model fits a memory budget, and what it gives up to fit",
+                       description="Print the memory plan: bytes for the weights (exact, from the package), the KV cache per "
+                                   "token and at the context, activations and workspace, and what was chosen to fit the "
+                                   "budget (float or quantized weights, KV precision, context, layers read from disk), or a "
+                                   "refusal naming the smallest budget that works (exit status 2). The same planner runs "
+                                   "when generate, chat, eval and bench load a model.")
+    _add_model(p)
+    _add_memory(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     p = sub.add_parser("models", help="list the catalog's models and which are converted",
                        description="List the models of models/catalog.json, and whether each is converted under models/.")
 
     p = sub.add_parser("eval", help="evaluate a package (perplexity)", description="Evaluate a package.")
     _add_model(p)
+    _add_memory(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     esub = p.add_subparsers(dest="task", metavar="TASK")
     esub.required = True
@@ -154,7 +186,26 @@ def _load(a):
 
     from .model import load
 
-    return load(resolve_package(a.model), backend=a.backend, threads=a.threads)
+    return load(resolve_package(a.model), backend=a.backend, threads=a.threads, **_memory(a))
+
+
+def cmd_plan(a) -> int:
+    from edgeinfer.apps.resolve import resolve_package
+
+    from .backends import choose_backend
+    from .memory import plan_memory
+    from .package import open_package
+    from .tokenizer import Tokenizer
+
+    pkg = open_package(resolve_package(a.model))
+    Tokenizer(pkg.path, pkg.tokenizer_info)  # loaded as a run would, so the measured baseline includes it
+    m = _memory(a)
+    plan = plan_memory(pkg, budget=m["memory_budget"], context=m["context"], kv_overflow=m["kv_overflow"],
+                       backend=choose_backend(pkg, a.backend))
+    print(json.dumps(plan.to_dict(), indent=1) if a.json else plan.explain())
+    if not plan.fits:
+        raise EdgeInferError(plan.refusal())
+    return 0
 
 
 def cmd_convert(a) -> int:
@@ -166,7 +217,7 @@ def cmd_convert(a) -> int:
     template = read_text(a.chat_template) if a.chat_template else None
     out = convert(a.src, a.out, bits=a.bits, group_size=a.group_size, force=a.force, command=command,
                   progress=not a.quiet, name=a.name, chat_template=template, backend=a.backend,
-                  accuracy_level=a.accuracy_level)
+                  accuracy_level=None if a.accuracy_level == "auto" else int(a.accuracy_level))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -250,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
-                "models": cmd_models, "bench": cmd_bench,
+                "models": cmd_models, "plan": cmd_plan, "bench": cmd_bench,
                 "meters": cmd_meters, "profile": cmd_profile}[a.cmd](a)
     except EdgeInferError as e:
         print(f"edgeinfer: {e}", file=sys.stderr)

@@ -101,6 +101,13 @@ class Model:
         # An energy meter (edgeinfer.energy): ``begin() -> mark``, ``end(mark) -> joules`` and ``source``.
         self.meter = None
 
+    def _plan_memory(self, opts: dict):
+        """The memory plan (``edgeinfer.memory``) for ``memory_budget``/``context``/``kv_overflow`` in
+        ``opts``: it fixes the backend's options before loading, or refuses in one line."""
+        from .memory import plan_for_model
+
+        return plan_for_model(self.package, self.backend_name, opts)
+
     @property
     def name(self) -> str:
         return self.package.name
@@ -124,7 +131,8 @@ class Model:
         limit = min(len(ids) - 1, len(self.cache_tokens), self.cache.offset)
         while common < limit and self.cache_tokens[common] == ids[common]:
             common += 1
-        self.cache.trim_to(common)
+        kept = self.cache.trim_to(common)
+        common = common if kept is None else kept  # a ring cache may have to recompute
         self.cache_tokens = self.cache_tokens[:common]
         rest = ids[common:]
         logits = None
@@ -141,8 +149,12 @@ class Model:
 
         if not ids:
             raise EdgeInferError("the prompt is empty")
-        if len(ids) >= self.cache.max_tokens:
-            raise EdgeInferError(f"the prompt has {len(ids)} tokens; this model's context holds {self.cache.max_tokens}")
+        rotating = getattr(self.cache, "rotating", False)  # the plan's context rolls over instead of refusing
+        if len(ids) >= self.cache.max_tokens and not rotating:
+            raise EdgeInferError(
+                f"the prompt has {len(ids)} tokens; this model's context holds {self.cache.max_tokens} under its memory plan "
+                f"(more with --context or --memory-budget, or --kv-overflow rotate to keep only the last tokens)"
+            )
         sampler = Sampler(config.sampling)
         st = self.stats = GenerationStats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
@@ -155,7 +167,7 @@ class Model:
         mx.eval(y)
         t1 = time.perf_counter()
         st.prefill_seconds = st.ttft = t1 - t0
-        room = self.cache.max_tokens - self.cache.offset
+        room = config.max_tokens if rotating else self.cache.max_tokens - self.cache.offset
         budget = min(config.max_tokens, room)
         st.finish_reason = "length"
         try:

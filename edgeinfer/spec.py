@@ -84,6 +84,11 @@ class ArchSpec:
             raise EdgeInferError(f"architecture spec has unknown keys: {', '.join(sorted(unknown))}")
         return cls(**d)
 
+    # Derived sizes, used by the memory planner (edgeinfer/memory.py).
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """Keys and values of one token over every layer (before sliding-window rings)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
     def rope_base(self, layer: int) -> float:
         if self.layer_types[layer] == "sliding" and self.rope_local_theta is not None:
             return self.rope_local_theta

@@ -249,7 +249,8 @@ def tiny_package(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def edge_models(tiny_package):
-    """edge_models(arch, bits, group=64, **load_opts) -> a loaded edgeinfer Model, cached."""
+    """edge_models(arch, bits, group=64, **load_opts) -> a loaded edgeinfer Model on the MLX backend, cached
+    (the ONNX backend is checked against it in test_onnx.py)."""
     import edgeinfer
 
     cache: dict = {}
@@ -257,7 +258,7 @@ def edge_models(tiny_package):
     def get(arch: str, bits: int, group: int = 64, **opts):
         key = (arch, bits, group, tuple(sorted(opts.items())))
         if key not in cache:
-            cache[key] = edgeinfer.load(tiny_package(arch, bits, group), **opts)
+            cache[key] = edgeinfer.load(tiny_package(arch, bits, group), backend="mlx", **opts)
         return cache[key]
 
     return get

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def model(gemma3_package):
-    return edgeinfer.load(gemma3_package)
+    return edgeinfer.load(gemma3_package, backend="mlx")
 
 
 def test_package_records_what_was_requantized(model):

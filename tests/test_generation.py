@@ -128,7 +128,7 @@ def test_chat_turns_reuse_the_cache_and_match_a_fresh_run(edge_models, tiny_pack
     # only the new turn (and the tail of the previous answer as re-rendered) is prefilled
     assert m.stats.reused_tokens >= turn1_prompt - 1
     assert m.stats.reused_tokens < m.stats.prompt_tokens
-    fresh = edgeinfer.load(tiny_package("qwen3", 32))
+    fresh = edgeinfer.load(tiny_package("qwen3", 32), backend="mlx")
     msgs = s.messages[:-1]
     assert fresh.generate(msgs, max_tokens=12).strip() == second.strip()
 

@@ -28,7 +28,13 @@ def choose_backend(package, requested: str = "auto", notice=None) -> str:
     if is_apple_silicon():
         return "mlx"
     if (package.path / "model.onnx").exists():
-        return "onnx"
+        level = package.manifest.get("onnx", {}).get("accuracy_level", 4)
+        if level == 4:
+            return "onnx"
+        if notice:  # the exact graph computes in float: correct, but slower here than MLX
+            notice(f"{package.path}'s ONNX graph is the exact (float) one, slower than MLX here; running on MLX "
+                   f"(--backend onnx runs it anyway)")
+        return "mlx"
     if notice:
         notice(f"{package.path} has no ONNX graph, so it runs on MLX's CPU backend (slower here); "
                f"add one with: edgeinfer convert {package.path} --backend onnx")

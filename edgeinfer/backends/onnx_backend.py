@@ -14,6 +14,8 @@ weights on disk (111-373 MB), so none is kept.
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import EdgeInferError
@@ -79,13 +81,14 @@ class ONNXModel:
 
     backend = "onnx"
 
-    def __init__(self, pkg: Package, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, pkg: Package, threads: int | None = None, providers: list[str] | None = None,
+                 graph: Path | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise EdgeInferError("the ONNX backend needs onnxruntime; install it with: pip install onnxruntime") from None
         self.spec = pkg.spec
-        path = pkg.path / ONNX_FILE
+        path = Path(graph) if graph else pkg.path / ONNX_FILE
         if not path.exists():
             raise EdgeInferError(f"{pkg.path} has no ONNX graph ({ONNX_FILE}); add one with: "
                                  f"edgeinfer convert {pkg.path} --backend onnx")

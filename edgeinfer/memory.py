@@ -1,0 +1,564 @@
+"""The memory planner: decides before loading how a package fits a memory budget, and says why.
+
+On a laptop the weights, the KV cache and everything else share one pool of memory. ``plan_memory``
+estimates the peak memory of the process for a configuration, term by term:
+
+- the process itself before loading (measured: its resident set with the tokenizer loaded);
+- the resident weights: exact, from the package (the manifest's file size and the safetensors header),
+  at the precision they will have in memory (dequantized to the compute dtype, or kept quantized);
+- the transient of loading (one part's source while it is converted);
+- the KV cache at the planned context, at the KV precision, with sliding-window layers in a ring of
+  about their window;
+- activations of a prefill chunk (attention scores dominate) and the backend's workspace;
+- the buffers of streamed layers (weights read from the package file at every step).
+
+and picks the first configuration that fits, trying levers in order of cost: float weights when they
+fit, else quantized ones (MLX's CPU backend is faster with float weights); the KV cache in the compute
+dtype, else fp16; the model's full context, else (when the user did not ask for a context) the largest
+context that fits; all layers resident, else the first k resident and the rest read from disk at every
+step. When nothing fits it refuses, naming the smallest budget that would work.
+
+R-Sparse low-rank factors and MoE expert budgets are further levers; this build has neither (the plan
+says so rather than pretending).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgeInferError
+
+MiB = 1 << 20
+GiB = 1 << 30
+KV_STEP = 256  # the KV cache grows in steps of this many tokens
+RING_SLACK = 64  # sliding-window rings hold the window plus this many tokens (KVCache's default)
+MIN_CONTEXT = 256  # the planner does not shrink the context below this on its own
+# Measured on MLX's Linux CPU backend: the process grows beyond MLX's own peak counter by about 6 MiB
+# (threads, allocator slack) plus BLAS packing buffers that grow with the largest matrix, up to about
+# 26 MiB (tiny models: +6 MiB; SmolLM2: +32 MiB); see tests/test_memory.py. ONNX: an estimate.
+WORKSPACE = {"mlx": (6 * MiB, 26 * MiB), "onnx": (64 * MiB, 0)}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ST_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8, "I64": 8}
+
+
+def fmt_bytes(n: float) -> str:
+    n = float(n)
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if abs(n) >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    if abs(n) >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{int(n)} B"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": MiB,
+          "g": 1000**3, "gb": 1000**3, "gib": GiB, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_budget(text: str | int | float, total: int | None = None) -> int:
+    """``"1.5GB"``, ``"800MiB"``, ``"60%"`` (of the device's memory, ``total``) or a number of bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(%|[a-z]*)", s)
+    if not m or (m.group(2) not in _UNITS and m.group(2) != "%"):
+        raise EdgeInferError(f"cannot read the memory budget {text!r}; write it like 1.5GB, 800MiB or 60%")
+    value = float(m.group(1))
+    if m.group(2) == "%":
+        if not 0 < value <= 100:
+            raise EdgeInferError(f"a memory budget in percent must be above 0 and at most 100, not {text}")
+        total = total if total is not None else device_memory()["total"]
+        return int(total * value / 100)
+    return int(value * _UNITS[m.group(2)])
+
+
+# -- the device --------------------------------------------------------------------------------------
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 or v1), None when there is none."""
+    rel = "/"
+    text = _read("/proc/self/cgroup") or ""
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and (parts[0] == "0" or "memory" in parts[1].split(",")):
+            rel = parts[2] or "/"
+            break
+    for f in (f"/sys/fs/cgroup{rel}/memory.max", "/sys/fs/cgroup/memory.max",
+              f"/sys/fs/cgroup/memory{rel}/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        v = _read(f)
+        if v and v != "max" and v.isdigit() and int(v) < (1 << 60):
+            return int(v)
+    return None
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        k, _, v = line.partition(":")
+        parts = v.split()
+        if parts and parts[0].isdigit():
+            out[k] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
+def device_memory() -> dict:
+    """``{"total", "available", "source"}``: the memory this process may plan with, and where that
+    figure comes from (macOS: ``hw.memsize`` and MLX's recommended working set; Linux: the cgroup limit
+    if one is set, else MemAvailable)."""
+    if sys.platform == "darwin":
+        import subprocess
+
+        total = int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True, text=True).stdout.strip() or 0)
+        avail, source = total, "hw.memsize"
+        try:
+            import mlx.core as mx
+
+            info = mx.metal.device_info() if hasattr(mx, "metal") else mx.device_info()
+            ws = int(info.get("max_recommended_working_set_size", 0))
+            if ws:
+                avail, source = min(total, ws), "MLX's recommended working set (hw.memsize " + fmt_bytes(total) + ")"
+        except Exception:
+            pass
+        return {"total": total, "available": avail, "source": source}
+    info = _meminfo()
+    total = info.get("MemTotal", 0)
+    limit = cgroup_limit()
+    if limit is not None:
+        return {"total": min(total, limit) if total else limit, "available": limit, "source": "the cgroup memory limit"}
+    return {"total": total, "available": info.get("MemAvailable", total), "source": "MemAvailable"}
+
+
+def headroom(dev: dict) -> int:
+    """Left for the OS and other programs: a quarter of the memory on macOS (where the GPU shares it),
+    a tenth (at least 256 MiB, at most 2 GiB) elsewhere."""
+    if sys.platform == "darwin":
+        return max(dev["total"] // 4, GiB) if dev["source"] == "hw.memsize" else 0
+    return min(max(dev["available"] // 10, 256 * MiB), 2 * GiB)
+
+
+def default_budget(baseline: int = 0) -> tuple[int, str]:
+    """The budget when the user gives none: what the device has available, less headroom, plus what this
+    process already holds (it counts in the plan)."""
+    dev = device_memory()
+    room = headroom(dev)
+    b = max(0, dev["available"] - room) + (baseline if dev["source"] == "MemAvailable" else 0)
+    return b, f"device default: {dev['source']} {fmt_bytes(dev['available'])} less {fmt_bytes(room)} headroom"
+
+
+def process_rss() -> int:
+    """The resident set of this process now (Linux), or its peak so far elsewhere."""
+    statm = _read("/proc/self/statm")
+    if statm:
+        return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+# -- the package --------------------------------------------------------------------------------------
+def safetensors_index(path: str | Path) -> dict[str, dict]:
+    """Tensor name -> ``{"dtype", "shape", "start", "end"}`` with absolute byte offsets in the file,
+    from the safetensors header alone."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:
+        raise EdgeInferError(f"cannot read the safetensors header of {path}: {e}") from None
+    base = 8 + n
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = t["data_offsets"]
+        out[name] = {"dtype": t["dtype"], "shape": list(t["shape"]), "start": base + a, "end": base + b}
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+@dataclass
+class Part:
+    """A loadable unit of the weights: the embedding, the head, the final norm or one layer."""
+
+    name: str
+    stored: int  # bytes in the file
+    quantized: int  # bytes in memory when kept quantized (scales in the compute dtype)
+    dequantized: int  # bytes in memory when dequantized to the compute dtype
+    transient_q: int  # extra bytes while loading it quantized
+    transient_dq: int  # extra bytes while loading it dequantized
+
+
+def weight_parts(pkg, compute_dtype: str) -> list[Part]:
+    """Per part, its bytes on disk and in memory, exact from the safetensors header. Quantized scales and
+    biases are held in the compute dtype (in their stored dtype under bfloat16), like the MLX backend."""
+    dt = DTYPE_BYTES[compute_dtype]
+    stored_compute = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[compute_dtype]
+    index = safetensors_index(pkg.weights_path)
+    groups: dict[str, list[str]] = {}
+    for name in index:
+        key = ".".join(name.split(".")[:2]) if name.startswith("layers.") else name.split(".")[0]
+        groups.setdefault(key, []).append(name)
+    parts = []
+    for key, names in groups.items():
+        stored = q = dq = tq = tdq = 0
+        for name in names:
+            t = index[name]
+            nbytes = t["end"] - t["start"]
+            numel = _numel(t["shape"])
+            stored += nbytes
+            owner = name.rsplit(".", 1)[0]
+            # A tensor kept in its stored dtype becomes the resident array itself (no transient); one
+            # that is converted holds its stored source until the conversion is done.
+            cast = nbytes if t["dtype"] != stored_compute else 0
+            if name.endswith((".scales", ".biases")) and owner + ".weight" in index:
+                sdt = _ST_BYTES[t["dtype"]] if compute_dtype == "bfloat16" else dt
+                q += numel * sdt
+                tq += 0 if compute_dtype == "bfloat16" else cast
+                tdq += nbytes + numel * 4  # cast to float32 for dequantizing
+            elif name.endswith(".weight") and owner + ".scales" in index:
+                scales = index[owner + ".scales"]
+                full = int(t["shape"][0]) * _numel(scales["shape"][1:]) * _group_size(pkg, owner)
+                q += nbytes
+                dq += full * dt
+                # kept quantized: the packed weight is the resident array; dequantized: the packed
+                # source and the float32 result (then cast to the compute dtype)
+                tdq += nbytes + (full * 4 if dt != 4 else 0)
+            else:
+                q += numel * dt
+                dq += numel * dt
+                tq += cast
+                tdq += cast
+        parts.append(Part(key, stored, q, dq, tq, tdq))
+    return parts
+
+
+def _group_size(pkg, base: str) -> int:
+    q = pkg.quantization
+    return int(q.get("tensors", {}).get(base, q).get("group_size") or q.get("group_size") or 64)
+
+
+def kv_cache_bytes(spec, context: int, dtype_bytes: int, ring_sliding: bool = True) -> tuple[int, list[int]]:
+    """Bytes of the KV cache holding ``context`` tokens, and the per-layer capacities: full-attention
+    layers hold the context; sliding-window layers a ring of the window plus a little slack."""
+    caps = []
+    for t in spec.layer_types:
+        if t == "sliding" and spec.sliding_window and ring_sliding:
+            caps.append(min(context, spec.sliding_window + RING_SLACK))
+        else:
+            caps.append(context)
+    per = 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes
+    return per * sum(caps), caps
+
+
+def activation_bytes(spec, chunk: int, cap: int, dtype_bytes: int) -> int:
+    """The live intermediates of one prefill chunk of ``chunk`` tokens against a cache of ``cap``
+    positions: attention scores and probabilities in float32 dominate, then the MLP, the projections and
+    the residual stream. (Measured within a few percent on MLX's CPU backend.)"""
+    s = spec
+    L = chunk
+    attention = 2 * s.num_heads * L * cap * 4 + L * cap  # scores, probabilities, the boolean mask
+    qkv = L * (s.num_heads + 2 * s.num_kv_heads) * s.head_dim * dtype_bytes
+    mlp = 3 * L * s.intermediate_size * dtype_bytes
+    stream = 2 * L * s.hidden_size * dtype_bytes
+    logits = 2 * s.vocab_size * 4  # the last position's logits (prefill asks for those only)
+    return max(attention + qkv, mlp) + stream + logits
+
+
+# -- the plan -------------------------------------------------------------------------------------------
+@dataclass
+class Term:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """What the planner decided, and why. ``total_bytes`` is the estimated peak of the process."""
+
+    package: str
+    backend: str
+    budget_bytes: int
+    budget_source: str
+    total_bytes: int
+    context_tokens: int
+    requested_context: int
+    fits: bool
+    dequantize: bool
+    compute_dtype: str
+    kv_dtype: str
+    kv_overflow: str
+    resident_layers: int
+    num_layers: int
+    weight_file_bytes: int
+    kv_bytes_per_token: int
+    bytes_read_per_token: int
+    min_budget_bytes: int
+    terms: list[Term] = field(default_factory=list)
+    choices: list[str] = field(default_factory=list)
+
+    @property
+    def mlx_bytes(self) -> int:
+        """The part of the estimate that MLX's own peak-memory counter sees (weights, KV, activations)."""
+        return sum(t.bytes for t in self.terms if t.name not in ("process", "workspace", "stream buffer"))
+
+    def backend_options(self) -> dict:
+        """Keyword options for the backend that carry out this plan."""
+        if self.backend != "mlx":
+            return {}
+        return dict(dequantize=self.dequantize, max_context=self.context_tokens, kv_dtype=self.kv_dtype,
+                    kv_overflow=self.kv_overflow, resident_layers=self.resident_layers)
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def explain(self) -> str:
+        lines = [f"memory plan for {self.package} on {self.backend}",
+                 f"  budget {fmt_bytes(self.budget_bytes)} ({self.budget_source})"]
+        w = max(len(t.name) for t in self.terms) if self.terms else 8
+        for t in self.terms:
+            lines.append(f"  {t.name:<{w}}  {fmt_bytes(t.bytes):>10}  {t.note}")
+        lines.append(f"  {'total':<{w}}  {fmt_bytes(self.total_bytes):>10}  estimated peak of the process")
+        lines.append("  R-Sparse factors: none (not in this build); MoE experts: none (a dense model)")
+        if self.choices:
+            lines.append("chose:")
+            lines += [f"  - {c}" for c in self.choices]
+        if self.fits:
+            lines.append(f"fits: {fmt_bytes(self.total_bytes)} of {fmt_bytes(self.budget_bytes)} "
+                         f"({100 * self.total_bytes / max(self.budget_bytes, 1):.0f}%)")
+        else:
+            lines.append(self.refusal())
+        return "\n".join(lines)
+
+    def refusal(self) -> str:
+        return (f"{self.package} does not fit in {fmt_bytes(self.budget_bytes)}: the smallest budget that works is "
+                f"{fmt_bytes(self.min_budget_bytes)} ({self.min_budget_bytes} bytes: quantized weights, fp16 KV cache, "
+                f"{self.context_tokens} tokens of context, every layer read from disk at each step)")
+
+
+def _device_is_cpu(backend: str) -> bool:
+    if backend != "mlx":
+        return True
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
+
+
+def plan_memory(package, budget=None, context: int | None = None, backend: str = "mlx", *,
+                dequantize: bool | None = None, kv_dtype: str | None = None, resident_layers: int | None = None,
+                kv_overflow: str = "refuse", prefill_chunk: int = 512, baseline: int | None = None,
+                compute_dtype: str | None = None) -> MemoryPlan:
+    """Plans ``package`` (an opened Package) into ``budget`` (bytes, a string such as "1.5GB" or "60%",
+    or None for the device default) for ``context`` tokens (None: the model's maximum, which the planner
+    may shrink). Options given explicitly are kept; the others are chosen. Raises nothing when it does
+    not fit: the plan's ``fits`` is False and ``refusal()`` names the smallest budget."""
+    spec = package.spec
+    if baseline is None:
+        baseline = process_rss()
+    if budget is None:
+        budget_bytes, source = default_budget(baseline)
+    else:
+        budget_bytes = parse_budget(budget)
+        source = f"--memory-budget {budget}" if isinstance(budget, str) else "given"
+    if context is not None and context < 2:
+        raise EdgeInferError(f"--context must be at least 2 tokens, not {context}")
+    max_ctx = spec.max_position_embeddings
+    requested = int(context) if context else max_ctx
+    cpu = _device_is_cpu(backend)
+    if compute_dtype is None:
+        compute_dtype = "float32" if cpu else ("bfloat16" if spec.arch == "gemma3" else "float16")
+    dt = DTYPE_BYTES[compute_dtype]
+    parts = weight_parts(package, compute_dtype)
+    quantized_pkg = any(p.quantized != p.dequantized for p in parts)
+    file_bytes = int(package.manifest["files"].get("model.safetensors", {}).get("bytes") or package.weights_path.stat().st_size)
+    n = spec.num_layers
+    layer_parts = {int(p.name.split(".")[1]): p for p in parts if p.name.startswith("layers.")}
+    other_parts = [p for p in parts if not p.name.startswith("layers.")]
+    if spec.tie_embeddings:
+        other_parts = [p for p in other_parts if p.name != "lm_head"]
+
+    if backend == "onnx":
+        onnx = sum(int(v.get("bytes", 0)) for k, v in package.manifest["files"].items() if k.startswith("model.onnx"))
+        onnx_weights = onnx or sum(p.dequantized for p in parts)
+
+    def estimate(deq: bool, kvd: str, ctx: int, k: int) -> list[Term]:
+        kvb = DTYPE_BYTES[kvd]
+        terms = [Term("process", baseline, "this process before loading (measured, tokenizer included)")]
+        if backend == "onnx":
+            terms.append(Term("weights", onnx_weights, "the ONNX graph's weights, as ONNX Runtime loads them"))
+            kv, caps = kv_cache_bytes(spec, ctx, 4, ring_sliding=False)
+            terms.append(Term("kv cache", kv, f"{ctx} tokens x {fmt_bytes(kv / max(ctx, 1))}/token (float32)"))
+            terms.append(Term("activations", activation_bytes(spec, min(prefill_chunk, ctx), ctx, 4), f"a {min(prefill_chunk, ctx)}-token prefill chunk"))
+            terms.append(Term("workspace", WORKSPACE["onnx"][0], "ONNX Runtime's arena and threads (an estimate)"))
+            return terms
+        res = [p for p in other_parts] + [layer_parts[i] for i in range(min(k, n))]
+        wbytes = sum(p.dequantized if deq else p.quantized for p in res)
+        streamed = [layer_parts[i] for i in range(k, n)]
+        how = "dequantized to " + compute_dtype if deq and quantized_pkg else ("quantized, as stored" if quantized_pkg else "as stored, in " + compute_dtype)
+        terms.append(Term("weights", wbytes, f"{len(res) - len(other_parts)} of {n} layers resident, {how}"
+                          f" (file: {fmt_bytes(file_bytes)})"))
+        load = max([(p.transient_dq if deq else p.transient_q) for p in res] or [0])
+        kv, caps = kv_cache_bytes(spec, ctx, kvb)
+        per_token = 2 * spec.num_kv_heads * spec.head_dim * kvb
+        nslide = sum(1 for c, t in zip(caps, spec.layer_types) if t == "sliding" and spec.sliding_window)
+        note = f"{ctx} tokens x {fmt_bytes(per_token * (n - nslide))}/token ({kvd})"
+        if nslide:
+            note += f"; {nslide} sliding-window layers in a ring of {min(ctx, spec.sliding_window + RING_SLACK)}"
+        cap = max(caps) if caps else ctx
+        chunk = min(prefill_chunk, ctx)
+        act = activation_bytes(spec, chunk, cap + (chunk if nslide or kv_overflow == "rotate" else 0), dt)
+        if kvd != compute_dtype:
+            act += 2 * spec.num_kv_heads * spec.head_dim * cap * dt  # one layer's cache cast for attention
+        grow = 2 * spec.num_kv_heads * spec.head_dim * kvb * cap  # one layer's old buffer while growing
+        run = kv + act + grow
+        terms.append(Term("kv cache", kv, note))
+        if streamed:
+            span = max(p.stored for p in streamed) + 8192
+            layer_mem = max(p.quantized for p in streamed)
+            terms.append(Term("streamed layer", 2 * layer_mem, f"{len(streamed)} layers read from disk at each step; "
+                              f"{fmt_bytes(sum(p.stored for p in streamed))}/token read"))
+            terms.append(Term("stream buffer", span, "one aligned read buffer"))
+        if load > run:  # the peak is at load time, before the KV cache exists
+            terms.append(Term("loading", load - kv, "converting one part while loading (more than the run's activations)"))
+        else:
+            terms.append(Term("activations", act + grow, f"a {chunk}-token prefill chunk, and one layer's cache while it grows"))
+        base_ws, blas = WORKSPACE["mlx"]
+        # BLAS packing and scratch grow with the largest operands: the weights' and the prefill's
+        biggest = min(max(spec.vocab_size, spec.intermediate_size) * spec.hidden_size * dt, act)
+        terms.append(Term("workspace", base_ws + min(blas, biggest), "MLX on the CPU: BLAS buffers, threads, allocator slack (measured)"))
+        return terms
+
+    def total(terms):
+        return sum(t.bytes for t in terms)
+
+    deq_opts = [dequantize] if dequantize is not None else ([True, False] if (quantized_pkg and cpu and backend == "mlx") else [not quantized_pkg and False])
+    if backend == "mlx" and dequantize is None and not cpu:
+        deq_opts = [False]
+    kv_opts = [kv_dtype] if kv_dtype else ([compute_dtype] + (["float16"] if compute_dtype == "float32" and backend == "mlx" else []))
+    k_all = n if resident_layers is None else max(0, min(int(resident_layers), n))
+    floor_ctx = min(requested, MIN_CONTEXT)
+    choices: list[str] = []
+    found = None
+    # 1. everything resident at the requested context, cheapest precision sacrifices last
+    for deq in deq_opts:
+        for kvd in kv_opts:
+            t = estimate(deq, kvd, requested, k_all)
+            if total(t) <= budget_bytes:
+                found = (deq, kvd, requested, k_all, t)
+                break
+        if found:
+            break
+    # 2. a shorter context, when the user did not ask for one
+    if not found and context is None and backend in ("mlx", "onnx"):
+        for deq in deq_opts:
+            for kvd in kv_opts:
+                lo_t = estimate(deq, kvd, floor_ctx, k_all)
+                if total(lo_t) > budget_bytes:
+                    continue
+                lo, hi = floor_ctx, requested
+                while hi - lo > 1:  # the largest context that fits
+                    mid = (lo + hi) // 2
+                    if total(estimate(deq, kvd, mid, k_all)) <= budget_bytes:
+                        lo = mid
+                    else:
+                        hi = mid
+                ctx = lo if lo < KV_STEP else lo // KV_STEP * KV_STEP if lo // KV_STEP * KV_STEP >= floor_ctx else lo
+                found = (deq, kvd, ctx, k_all, estimate(deq, kvd, ctx, k_all))
+                choices.append(f"context {ctx} tokens instead of {requested}: the KV cache for {requested} does not fit")
+                break
+            if found:
+                break
+    # 3. stream layers from disk
+    ctx3 = requested if context is not None else floor_ctx
+    deq3, kvd3 = deq_opts[-1], kv_opts[-1]
+    if not found and backend == "mlx" and resident_layers is None:
+        for k in range(n - 1, -1, -1):
+            t = estimate(False if dequantize is None else dequantize, kvd3, ctx3, k)
+            if total(t) <= budget_bytes:
+                found = (False if dequantize is None else dequantize, kvd3, ctx3, k, t)
+                break
+    smallest = total(estimate(False if dequantize is None and backend == "mlx" else deq3, kvd3, ctx3,
+                              0 if (backend == "mlx" and resident_layers is None) else k_all))
+    fits = found is not None
+    if not found:
+        found = (deq3, kvd3, ctx3, 0 if (backend == "mlx" and resident_layers is None) else k_all,
+                 estimate(deq3, kvd3, ctx3, 0 if (backend == "mlx" and resident_layers is None) else k_all))
+    deq, kvd, ctx, k, terms = found
+    if backend == "mlx":
+        if quantized_pkg:
+            if deq:
+                choices.insert(0, f"weights dequantized to {compute_dtype} at load: fast float matmuls, and they fit")
+            elif dequantize is None and cpu:
+                choices.insert(0, "weights kept quantized (slower matmuls on the CPU): dequantized ones do not fit")
+            else:
+                choices.insert(0, "weights kept quantized")
+        bits = package.quantization.get("bits")
+        choices.append(f"weight precision: {bits}-bit as stored (the only precision in this package)")
+        if kvd != compute_dtype:
+            choices.append(f"KV cache in {kvd} instead of {compute_dtype}: half the bytes per token")
+        if k < n:
+            choices.append(f"{k} of {n} layers resident; the other {n - k} are read from {package.weights_path.name} "
+                           f"at every step ({fmt_bytes(sum(layer_parts[i].stored for i in range(k, n)))} a token)")
+        if any(t == "sliding" for t in spec.layer_types) and spec.sliding_window:
+            choices.append(f"sliding-window layers keep a ring of {spec.sliding_window + RING_SLACK} positions, not the whole context")
+    choices.append(f"at {ctx} tokens the KV cache " + ("rotates (keeps the last tokens)" if kv_overflow == "rotate" else "refuses to grow, with a clear message"))
+    per_tok = 2 * spec.num_kv_heads * spec.head_dim * DTYPE_BYTES[kvd] * n
+    return MemoryPlan(
+        package=str(package.path), backend=backend, budget_bytes=int(budget_bytes), budget_source=source,
+        total_bytes=int(total(terms)), context_tokens=int(ctx), requested_context=requested, fits=fits,
+        dequantize=bool(deq), compute_dtype=compute_dtype, kv_dtype=kvd, kv_overflow=kv_overflow,
+        resident_layers=int(k), num_layers=n, weight_file_bytes=file_bytes, kv_bytes_per_token=per_tok,
+        bytes_read_per_token=sum(layer_parts[i].stored for i in range(k, n)) if backend == "mlx" else 0,
+        min_budget_bytes=int(smallest), terms=terms, choices=choices,
+    )
+
+
+PLAN_KEYS = ("memory_budget", "context", "kv_overflow", "prefill_chunk")
+
+
+def plan_for_model(package, backend: str, opts: dict) -> tuple[MemoryPlan, dict]:
+    """Called by ``Model.__init__``: plans the package from the load options (``memory_budget``,
+    ``context``, ``kv_overflow`` and any backend option the caller fixed), refuses with one clear line
+    when it does not fit, and returns the plan and the backend's options."""
+    opts = dict(opts)
+    mine = {k: opts.pop(k) for k in PLAN_KEYS if k in opts}
+    fixed = {k: opts[k] for k in ("dequantize", "kv_dtype", "resident_layers") if opts.get(k) is not None}
+    dtype = opts.get("dtype")
+    plan = plan_memory(package, budget=mine.get("memory_budget"), context=mine.get("context"), backend=backend,
+                       kv_overflow=mine.get("kv_overflow") or "refuse", prefill_chunk=mine.get("prefill_chunk") or 512,
+                       compute_dtype=_dtype_name(dtype), **fixed)
+    if not plan.fits:
+        raise EdgeInferError(plan.refusal())
+    if backend == "mlx":
+        opts.update({k: v for k, v in plan.backend_options().items() if k not in fixed})
+    return plan, opts
+
+
+def _dtype_name(d) -> str | None:
+    if d is None:
+        return None
+    s = str(d).split(".")[-1]
+    return s if s in DTYPE_BYTES else None
