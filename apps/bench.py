@@ -39,6 +39,7 @@ class BenchConfig:
     seed: int = 0
     warmup: bool = True
     bandwidth: bool = True
+    memory: dict = field(default_factory=dict)  # memory_budget / context / kv_overflow for the planner
 
 
 def _check(c: BenchConfig) -> None:
@@ -95,19 +96,19 @@ def _openblas_threads(n: int) -> bool:
         return False
 
 
-def load_model(path: Path, backend: str, threads: int | None):
+def load_model(path: Path, backend: str, threads: int | None, memory: dict | None = None):
     """Loads the package on ``backend``, passing ``threads`` to backends that take a thread count.
     Returns (model, backend name, threads used or None, a note on threads)."""
     import edgeinfer
 
-    opts = {} if threads is None else {"threads": threads}
+    opts = dict(memory or {}, **({} if threads is None else {"threads": threads}))
     try:
         m = edgeinfer.load(path, backend=backend, **opts)
         note = "" if threads is None else "passed to the backend"
     except TypeError as e:
         if "threads" not in str(e):
             raise
-        m = edgeinfer.load(path, backend=backend)
+        m = edgeinfer.load(path, backend=backend, **(memory or {}))
         note = "the backend takes no thread count"
     name = getattr(m.backend, "backend", None) or backend
     if name == "mlx" and threads is not None:
@@ -158,7 +159,7 @@ def bench_backend(c: BenchConfig, backend: str, progress=None) -> dict:
     gc.collect()
     exact_peak = reset_peak_rss()
     t0 = time.perf_counter()
-    model, name, threads, note = load_model(c.model, backend, c.threads)
+    model, name, threads, note = load_model(c.model, backend, c.threads, c.memory)
     load_s = time.perf_counter() - t0
     vocab = model.spec.vocab_size
     room = model.cache.max_tokens
@@ -304,7 +305,8 @@ def main_bench(a) -> int:
 
     backends = [b.strip() for b in (a.backend or "auto").split(",")]
     c = BenchConfig(model=Path(a.model) if a.model else None, backends=backends, prompt_tokens=a.p, gen_tokens=a.n,
-                    reps=a.r, threads=a.threads, seed=a.seed, warmup=not a.no_warmup)
+                    reps=a.r, threads=a.threads, seed=a.seed, warmup=not a.no_warmup,
+                    memory=dict(memory_budget=a.memory_budget, context=a.context, kv_overflow=a.kv_overflow))
     _check(c)  # before fetching anything
     c.model = resolve_package(a.model)
     progress = None if a.json else (lambda s: print(s, file=sys.stderr, flush=True))

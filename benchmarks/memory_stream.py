@@ -35,9 +35,8 @@ def weights_budget(pkg_path: str, fraction: float, context: int) -> tuple[int, i
 def point(pkg: str, budget: int, context: int, tokens: int) -> dict:
     import resource
 
+    import edgeinfer  # first: it loads OpenBLAS before MLX
     import mlx.core as mx
-
-    import edgeinfer
     from edgeinfer.model import GenerationConfig
 
     m = edgeinfer.load(pkg, backend="mlx", memory_budget=budget, context=context)

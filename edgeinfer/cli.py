@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
     p.add_argument("--no-warmup", action="store_true", help="count the first run too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_memory(p)
 
     p = sub.add_parser("meters", help="list the energy meters this machine offers",
                        description="List every energy meter edgeinfer knows, what it measures (its source label), whether "

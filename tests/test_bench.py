@@ -81,6 +81,15 @@ def test_bench_prompt_past_context(tiny_package, capsys):
     assert rc == 2 and "context" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("backend", ["mlx", "onnx"])
+def test_bench_runs_under_the_memory_plan(tiny_package, capsys, backend):
+    pkg = str(tiny_package("llama", 4, 32))
+    rc, out, err = _bench(capsys, "-m", pkg, "-p", "4", "-n", "2", "-r", "1", "--backend", backend, "--memory-budget", "1KB")
+    assert rc == 2 and "the smallest budget that works is" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = _bench(capsys, "-m", pkg, "-p", "4", "-n", "2", "-r", "1", "--backend", backend, "--context", "64", "--json")
+    assert rc == 0, err
+
+
 @pytest.mark.parametrize("arch", ["llama", "llama3_rope"])  # untied and tied heads
 def test_bytes_per_token(tiny_package, arch):
     pkg = open_package(tiny_package(arch, 4))
