@@ -258,7 +258,7 @@ def edge_models(tiny_package):
     def get(arch: str, bits: int, group: int = 64, **opts):
         key = (arch, bits, group, tuple(sorted(opts.items())))
         if key not in cache:
-            cache[key] = edgeinfer.load(tiny_package(arch, bits, group), backend="mlx", **opts)
+            cache[key] = edgeinfer.load(tiny_package(arch, bits, group), **{"backend": "mlx", **opts})
         return cache[key]
 
     return get

@@ -56,7 +56,7 @@ def _run(capsys, *args) -> tuple[int, str, str]:
 def test_profile_with_the_estimate_says_so(tiny_package, tmp_path, capsys, no_sysfs):
     pkg = tiny_package("llama", 4)
     out = tmp_path / "prof"
-    rc, stdout, stderr = _run(capsys, "-m", pkg, "--workload", "chat", "--max-tokens", 6, "--out", out)
+    rc, stdout, stderr = _run(capsys, "-m", pkg, "--workload", "chat", "--max-tokens", 6, "--backend", "mlx", "--interval", 0.02, "--out", out)
     assert rc == 0, stderr
     assert "ESTIMATE" in stdout and "model-estimate" in stdout
     assert "all energy figures above are ESTIMATES" in stdout
