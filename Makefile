@@ -11,7 +11,7 @@ OPENBLAS_X86   := /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
 OPENBLAS_ARM64 := /usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-test run test clean openblas bench-peers
+.PHONY: help setup setup-test run test clean openblas test-tools bench-peers
 
 help:
 	@echo "make run      set up .venv (runtime deps) and chat with the default model; ARGS='...' for more"
@@ -61,6 +61,7 @@ $(VENV)/.stamp-runtime: pyproject.toml | $(VPY)
 	@touch $@
 
 $(VENV)/.stamp-test: pyproject.toml $(VENV)/.stamp-runtime
+	@$(MAKE) --no-print-directory test-tools
 	@echo "installing the test dependencies into $(VENV)"
 	@$(VPY) -m pip install -q -e '.[test]'
 	@touch $@
@@ -83,6 +84,20 @@ openblas:
 	    else \
 	      echo "note: $$lib is missing (apt-get install libopenblas0-pthread); MLX's CPU backend will be slower"; \
 	    fi; \
+	  fi; \
+	fi; true
+
+# Best effort: the chat app's tests drive the real program in tmux (they are skipped without it).
+test-tools:
+	@if ! command -v tmux >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing tmux with apt-get (the chat tests run the app in a real terminal)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get install -y -q tmux >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tmux >/dev/null 2>&1; }; } \
+	      || echo "note: could not install tmux; the real-terminal chat tests will be skipped"; \
+	  else \
+	    echo "note: tmux is missing (apt-get install tmux); the real-terminal chat tests will be skipped"; \
 	  fi; \
 	fi; true
 
