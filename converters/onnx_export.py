@@ -191,7 +191,6 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
                 progress=None, data_location: str = ONNX_DATA) -> None:
     """Writes the graph to ``onnx_path`` and its tensors to ``data_path``, both in the package folder; the
     graph names its data file ``data_location``."""
-    import onnx
     from onnx import TensorProto, helper
 
     spec = pkg.spec

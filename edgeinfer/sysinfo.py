@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import re
-import struct
 import subprocess
 import sys
 import threading
@@ -200,21 +199,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U3
 
 def safetensors_sizes(path: str | Path) -> dict[str, tuple[list[int], int]]:
     """name -> (shape, bytes) from a safetensors file's header (the data is not read)."""
-    from .errors import EdgeInferError
+    from .memory import safetensors_index
 
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
-        raise EdgeInferError(f"cannot read the tensor header of {path}: {e}") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        out[name] = (list(info["shape"]), int(b - a))
-    return out
+    return {name: (t["shape"], t["end"] - t["start"]) for name, t in safetensors_index(path).items()}
 
 
 def decode_bytes_per_token(pkg) -> dict:
