@@ -24,7 +24,12 @@ from edgeinfer.memory import MiB, kv_cache_bytes, parse_budget, plan_memory, wei
 from edgeinfer.model import GenerationConfig
 from edgeinfer.package import open_package
 
-SMOL = ROOT / "models" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_package):
+    """SmolLM2, converted from its GGUF by the session fixture (a clean checkout has no models/)."""
+    return smollm2_package
 
 
 def measure(pkg, backend: str, *args) -> dict:
@@ -84,9 +89,9 @@ def test_estimate_within_10_percent_tiny(arch, tiny_package):
     ("1GB", 512, True, ()),
     ("400MB", 256, False, ("--prompt-tokens", 64, "--prefill-chunk", 64, "--max-tokens", 4)),
 ], ids=["float-1GB-512", "quantized-400MB-256"])
-def test_estimate_within_10_percent_smollm2(budget, context, deq, extra):
+def test_estimate_within_10_percent_smollm2(budget, context, deq, extra, smol):
     """SmolLM2 on MLX: float weights when they fit, quantized ones when not."""
-    d = measure(SMOL, "mlx", "--budget", budget, "--context", context, *extra)
+    d = measure(smol, "mlx", "--budget", budget, "--context", context, *extra)
     assert d["dequantize"] is deq and d["context"] == context, d
     assert d["prompt_tokens"] + d["generated"] >= (context - 1 if not extra else 64), d
     assert abs(d["estimate"] - d["peak_rss"]) <= 0.10 * d["peak_rss"], d
@@ -94,8 +99,17 @@ def test_estimate_within_10_percent_smollm2(budget, context, deq, extra):
     assert d["peak_rss"] <= d["budget"]
 
 
-def test_budget_too_small_is_refused(tmp_path):
-    pkg = open_package(SMOL)
+def test_estimate_within_10_percent_smollm2_onnx(smol):
+    """SmolLM2 on ONNX Runtime (the default backend on Linux): the package's weights file, the graph's
+    own data and ORT's workspace (measured: estimate 325 MB, peak 308 MB)."""
+    d = measure(smol, "onnx", "--budget", "4GB", "--context", 256)
+    assert d["backend"] == "onnx" and d["context"] == 256, d
+    assert abs(d["estimate"] - d["peak_rss"]) <= 0.10 * d["peak_rss"], d
+    assert d["peak_rss"] <= d["estimate"]
+
+
+def test_budget_too_small_is_refused(tmp_path, smol):
+    pkg = open_package(smol)
     for backend in ("mlx", "onnx"):
         plan = plan_memory(pkg, "20MB", backend=backend)
         assert not plan.fits and plan.backend == backend
@@ -106,22 +120,22 @@ def test_budget_too_small_is_refused(tmp_path):
         again = plan_memory(pkg, plan.min_budget_bytes + 2 * MiB, backend=backend, baseline=base)
         assert again.fits and again.total_bytes <= again.budget_bytes
     with pytest.raises(EdgeInferError, match="smallest budget that works"):
-        __import__("edgeinfer").load(SMOL, backend="mlx", memory_budget="20MB")
-    out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "plan", "-m", str(SMOL), "--backend", "mlx", "--memory-budget", "20MB"],
+        __import__("edgeinfer").load(smol, backend="mlx", memory_budget="20MB")
+    out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "plan", "-m", str(smol), "--backend", "mlx", "--memory-budget", "20MB"],
                          capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "smallest budget that works" in out.stderr
 
 
-def test_plan_command_explains(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "plan", "-m", str(SMOL), "--backend", "mlx", "--memory-budget", "2GB",
+def test_plan_command_explains(tmp_path, smol):
+    out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "plan", "-m", str(smol), "--backend", "mlx", "--memory-budget", "2GB",
                           "--context", "4096"], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
     assert out.returncode == 0, out.stderr
     for word in ("weights", "kv cache", "4096 tokens", "activations", "workspace", "dequantized", "R-Sparse", "fits:"):
         assert word in out.stdout, word
 
 
-def test_smaller_window_when_only_that_fits():
+def test_smaller_window_when_only_that_fits(smol):
     """A budget that fits the float weights but not the full context's KV cache gets a shorter context,
     and the run that fills that context stays under the budget.
 
@@ -130,7 +144,7 @@ def test_smaller_window_when_only_that_fits():
     (within ~70 MiB); filling a quantized context of thousands of tokens would take minutes. 720MB fits
     SmolLM2's float weights and 256-1024 tokens of float32 KV cache (process of 50-110 MiB), which one
     prefill of at most two 512-token chunks fills in a few seconds."""
-    d = measure(SMOL, "mlx", "--budget", "720MB", "--dequantize", "yes", "--max-tokens", 2)
+    d = measure(smol, "mlx", "--budget", "720MB", "--dequantize", "yes", "--max-tokens", 2)
     assert d["dequantize"] is True and d["kv_dtype"] == "float32" and 256 <= d["context"] <= 1024, d
     assert d["context"] % 256 == 0  # the largest multiple of the KV step that fits
     assert d["prompt_tokens"] + d["generated"] >= d["context"] - 1
@@ -138,10 +152,10 @@ def test_smaller_window_when_only_that_fits():
     assert abs(d["estimate"] - d["peak_rss"]) <= 0.10 * d["peak_rss"], d
 
 
-def test_onnx_plan_shortens_the_context():
+def test_onnx_plan_shortens_the_context(smol):
     """The planner for ONNX Runtime (what ``--backend auto`` picks on Linux): float32 KV cache, no MLX
     levers, a shorter context when the full one does not fit, and a refusal when nothing does."""
-    pkg = open_package(SMOL)
+    pkg = open_package(smol)
     full = plan_memory(pkg, "64GB", backend="onnx", baseline=80 * MiB)
     assert full.fits and full.context_tokens == 8192 and full.kv_dtype == "float32" and full.resident_layers == full.num_layers
     short = plan_memory(pkg, full.total_bytes - 100 * MiB, backend="onnx", baseline=80 * MiB)
