@@ -560,6 +560,9 @@ def plan_for_model(package, backend: str, opts: dict) -> tuple[MemoryPlan, dict]
                        compute_dtype=_dtype_name(dtype), **fixed)
     if not plan.fits:
         raise EdgeInferError(plan.refusal())
+    if backend == "onnx" and mine.get("kv_overflow") == "rotate":
+        raise EdgeInferError("--kv-overflow rotate needs the MLX backend (--backend mlx); the ONNX backend's cache "
+                             "refuses at the planned context")
     if backend == "mlx":
         opts.update({k: v for k, v in plan.backend_options().items() if k not in fixed})
     return plan, opts

@@ -82,6 +82,9 @@ class Model:
         from .backends import choose_backend, open_backend
 
         self.backend_name = choose_backend(self.package, backend, notice=_notice)
+        if backend == "auto" and self.backend_name == "onnx" and backend_opts.get("kv_overflow") == "rotate":
+            _notice("a rotating KV cache needs the MLX backend; running on MLX")
+            self.backend_name = "mlx"
         requested = dict(backend_opts)
         self.plan, backend_opts = self._plan_memory(backend_opts)
         try:

@@ -210,6 +210,18 @@ def test_auto_falls_back_to_mlx_when_the_graph_fails(onnx_package, tmp_path, cap
     assert "cannot load" in err and "running on MLX instead" in err
 
 
+def test_rotating_cache_needs_mlx(onnx_package, capsys):
+    from edgeinfer.backends import is_apple_silicon
+
+    path = onnx_package("llama", level=4)
+    with pytest.raises(EdgeInferError, match="rotate needs the MLX backend"):
+        edgeinfer.load(path, backend="onnx", kv_overflow="rotate")
+    m = edgeinfer.load(path, kv_overflow="rotate")
+    assert m.backend_name == "mlx" and m.cache.rotating
+    if not is_apple_silicon():
+        assert "rotating KV cache needs the MLX backend" in capsys.readouterr().err
+
+
 def test_missing_execution_provider_is_one_clear_error(onnx_package):
     with pytest.raises(EdgeInferError, match="execution provider NoSuchExecutionProvider is not installed"):
         edgeinfer.load(onnx_package("llama"), backend="onnx", providers=["NoSuchExecutionProvider"])
