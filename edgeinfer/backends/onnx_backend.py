@@ -13,7 +13,6 @@ weights on disk (111-373 MB), so none is kept.
 
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +62,10 @@ class ONNXCache:
         ov = self._ort.OrtValue.ortvalue_from_numpy
         self.ort_keys = [ov(a) for a in new_k]
         self.ort_values = [ov(a) for a in new_v]
-        self.rope = {}
-        for name, (layer, kind) in self.rope_inputs.items():
-            cos, sin = rope_tables(s, layer, cap)
-            self.rope[name] = ov(cos if kind == "cos" else sin)
+        tables = {layer: rope_tables(s, layer, cap) for layer in {layer for layer, _ in self.rope_inputs.values()}}
+        # the arrays are kept beside their OrtValues, which only borrow numpy's memory
+        self.rope_arrays = {name: tables[layer][0 if kind == "cos" else 1] for name, (layer, kind) in self.rope_inputs.items()}
+        self.rope = {name: ov(a) for name, a in self.rope_arrays.items()}
         return True
 
     def trim_to(self, n: int) -> None:
@@ -126,7 +125,7 @@ class ONNXModel:
 
     def forward(self, tokens, cache: ONNXCache, lazy: bool = False, last_only: bool = False) -> np.ndarray:
         """Runs ``tokens`` (ids) after the cached context; returns logits [1, L, vocab] (or [1, 1, vocab]
-        with ``last_only``). Advances the cache."""
+        with ``last_only``). Advances the cache. ``lazy`` is MLX's (ORT runs synchronously)."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
         L = ids.shape[1]
         b = self._binding
