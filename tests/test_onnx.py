@@ -148,19 +148,38 @@ def test_smollm2_fast_graph_stays_close(smollm2_package, wikitext):
 
 
 @pytest.mark.slow
-def test_gemma3_int8_check_keeps_the_exact_graph_and_auto_runs_mlx(gemma3_package):
-    """Gemma 3's activation outliers: int8 groups lose too much (measured KL 0.42-0.55, top-1 57-62%),
-    so the converter writes the exact graph and auto runs the package on MLX."""
+def test_gemma3_fast_graph_is_kept_and_close(gemma3_package, wikitext):
+    """Gemma 3's 5-bit tensors are widened to 8 bits and re-centred on the zero point; left uncentred,
+    the int8 product and the offset GEMV cancel and the int8 rounding error grew to KL 0.55 (top-1 62%).
+    Centred: KL 0.0025, top-1 97.5% (llama.cpp on the same GGUF: 0.0058, 96.5%)."""
+    onnx = json.loads((gemma3_package / "manifest.json").read_text())["onnx"]
+    assert onnx["accuracy_level"] == 4 and onnx["int8_check"]["kl"] < onnx["int8_check"]["max_kl"]
+    mlx, ort = _pair(gemma3_package)
+    ids = [mlx.tokenizer.bos_token_id] + mlx.tokenizer.encode(wikitext[5000:8000], add_bos=False)[:200]
+    ref, got = mlx.logits(ids).astype(np.float64), ort.logits(ids).astype(np.float64)
+    lr = ref - ref.max(-1, keepdims=True)
+    lr -= np.log(np.exp(lr).sum(-1, keepdims=True))
+    lg = got - got.max(-1, keepdims=True)
+    lg -= np.log(np.exp(lg).sum(-1, keepdims=True))
+    kl = (np.exp(lr) * (lr - lg)).sum(-1).mean()
+    assert kl < 0.01 and (ref.argmax(-1) == got.argmax(-1)).mean() >= 0.9, kl
+
+
+def test_int8_check_falls_back_to_the_exact_graph(tiny_package, tmp_path, monkeypatch, capsys):
+    """When int8 activations lose too much (here: a threshold no graph can meet), the converter writes the
+    exact graph and says so, and auto runs the package on MLX."""
+    import edgeinfer.converters.onnx_export as ox
     from edgeinfer.backends import is_apple_silicon
 
-    onnx = json.loads((gemma3_package / "manifest.json").read_text())["onnx"]
-    assert onnx["accuracy_level"] == 1 and onnx["int8_check"]["kl"] > onnx["int8_check"]["max_kl"]
-    assert edgeinfer.load(gemma3_package).backend_name == "mlx"
+    monkeypatch.setattr(ox, "MAX_CHECK_KL", -1.0)
+    pkg = _without_graph(tiny_package("llama", 4, 32), tmp_path / "p")
+    ox.add_onnx_graph(pkg, progress=False)
+    onnx = json.loads((pkg / "manifest.json").read_text())["onnx"]
+    assert onnx["accuracy_level"] == 1 and onnx["int8_check"]["max_kl"] == -1.0
+    assert "wrote the exact ONNX graph" in capsys.readouterr().err
+    assert edgeinfer.load(pkg).backend_name == "mlx"
     if not is_apple_silicon():
-        m = edgeinfer.load(gemma3_package, backend="onnx")  # still runs when asked for, exactly
-        ref = edgeinfer.load(gemma3_package, backend="mlx")
-        ids = ref.tokenizer.encode("Water boils at")
-        np.testing.assert_allclose(m.logits(ids), ref.logits(ids), atol=2e-3 * np.abs(ref.logits(ids)).max(), rtol=0)
+        assert "exact (float) one" in capsys.readouterr().err
 
 
 # -- choosing a backend, and the bad inputs --------------------------------------------------------
