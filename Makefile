@@ -87,19 +87,26 @@ openblas:
 	  fi; \
 	fi; true
 
-# Best effort: the chat app's tests drive the real program in tmux (they are skipped without it).
-test-tools:
-	@if ! command -v tmux >/dev/null 2>&1; then \
+# Best effort: programs some tests drive; those tests are skipped without them.
+# $(call apt_tool,COMMAND,DEBIAN PACKAGE,WHAT NEEDS IT)
+define apt_tool
+	@if ! command -v $(1) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing tmux with apt-get (the chat tests run the app in a real terminal)"; \
+	    echo "installing $(2) with apt-get ($(3))"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    { apt-get install -y -q tmux >/dev/null 2>&1 \
-	      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tmux >/dev/null 2>&1; }; } \
-	      || echo "note: could not install tmux; the real-terminal chat tests will be skipped"; \
+	    { apt-get install -y -q $(2) >/dev/null 2>&1 \
+	      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(2) >/dev/null 2>&1; }; } \
+	      || echo "note: could not install $(2); the tests that need it ($(3)) will be skipped"; \
 	  else \
-	    echo "note: tmux is missing (apt-get install tmux); the real-terminal chat tests will be skipped"; \
+	    echo "note: $(1) is missing (apt-get install $(2)); the tests that need it ($(3)) will be skipped"; \
 	  fi; \
 	fi; true
+endef
+
+test-tools:
+	$(call apt_tool,tmux,tmux,the chat tests run the app in a real terminal)
+	$(call apt_tool,chromium,chromium,the scenario report test opens report.html in a headless browser)
+	$(call apt_tool,espeak-ng,espeak-ng,the espeak-ng speech-input test; scenarios then speak from committed clips)
 
 # The side-by-side benchmark (issue 3): peers are an optional extra, never runtime dependencies.
 # Writes its section of docs/BENCHMARKS.md; ARGS='-r 5 --threads 2' etc. are passed to the script.

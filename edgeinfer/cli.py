@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgeinfer.apps.profile import add_profile_parser
 
     add_profile_parser(sub)
+    from edgeinfer.apps.scenario import add_scenario_parser
+
+    add_scenario_parser(sub)
     return ap
 
 
@@ -297,13 +300,20 @@ def cmd_profile(a) -> int:
     return run_profile(a)
 
 
+def cmd_scenario(a) -> int:
+    from edgeinfer.apps.scenario import cmd_scenario as run
+
+    return run(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
         return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
                 "models": cmd_models, "plan": cmd_plan, "bench": cmd_bench,
-                "meters": cmd_meters, "profile": cmd_profile}[a.cmd](a)
+                "meters": cmd_meters, "profile": cmd_profile,
+                "scenario": cmd_scenario}[a.cmd](a)
     except EdgeInferError as e:
         print(f"edgeinfer: {e}", file=sys.stderr)
         return e.exit_code
