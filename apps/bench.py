@@ -40,6 +40,8 @@ class BenchConfig:
     warmup: bool = True
     bandwidth: bool = True
     memory: dict = field(default_factory=dict)  # memory_budget / context / kv_overflow for the planner
+    sparsity: float = 0.0  # an R-Sparse level the package holds a plan for (0: dense)
+    speculative: dict = field(default_factory=dict)  # draft / num_draft / tree (edgeinfer.speculative)
 
 
 def _check(c: BenchConfig) -> None:
@@ -159,8 +161,12 @@ def bench_backend(c: BenchConfig, backend: str, progress=None) -> dict:
     gc.collect()
     exact_peak = reset_peak_rss()
     t0 = time.perf_counter()
-    model, name, threads, note = load_model(c.model, backend, c.threads, c.memory)
+    model, name, threads, note = load_model(c.model, backend, c.threads, dict(c.memory, sparsity=c.sparsity) if c.sparsity else c.memory)
     load_s = time.perf_counter() - t0
+    if c.speculative.get("draft"):
+        from edgeinfer.speculative import make_speculator
+
+        model.speculative = make_speculator(model, **c.speculative)
     vocab = model.spec.vocab_size
     room = model.cache.max_tokens
     if c.prompt_tokens + 1 > room or TG_PROMPT + c.gen_tokens + 1 > room:
@@ -193,6 +199,8 @@ def bench_backend(c: BenchConfig, backend: str, progress=None) -> dict:
         "peak_memory_note": "peak resident set of the process from loading the model to the end of its runs"
         if exact_peak else "peak resident set of the process since it started",
     }
+    if model.speculative is not None:  # the last tg run's drafting on these random ids
+        out["speculative"] = {"draft": model.speculative.describe(), **model.speculative.stats.to_dict()}
     if getattr(model.backend, "dequantized", False):
         out["weights_note"] = "this backend holds the weights dequantized to float; it reads more bytes per token than the package stores"
     del model
@@ -244,7 +252,7 @@ def run_bench(c: BenchConfig, progress=None) -> dict:
                   "params": params_count(pkg), "weights_bytes": pkg.weights_path.stat().st_size,
                   "quantization": f"{q.get('bits', 16)}-bit" + (f" g{q['group_size']}" if q.get("group_size") else "")},
         "config": {"prompt_tokens": c.prompt_tokens, "gen_tokens": c.gen_tokens, "reps": c.reps, "threads": c.threads,
-                   "seed": c.seed, "tg_prompt_tokens": TG_PROMPT, "warmup": c.warmup,
+                   "seed": c.seed, "tg_prompt_tokens": TG_PROMPT, "warmup": c.warmup, "sparsity": c.sparsity,
                    "measured": "Model.stream_ids on random token ids (tokenization excluded), greedy, EOS ignored; "
                                "one warm-up of each test first, not counted"},
         "bytes_per_token": bpt,
@@ -290,6 +298,10 @@ def format_table(r: dict) -> str:
             out.append(f"    threads: {res['threads_note']}")
         if res.get("weights_note"):
             out.append(f"    note: {res['weights_note']}")
+        if res.get("speculative"):
+            sp = res["speculative"]
+            out.append(f"    speculative ({sp['draft']}): {sp['acceptance_length']:.2f} tokens per verification, "
+                       f"{sp['accepted']}/{sp['drafted']} drafts accepted (random token ids: drafts rarely match)")
     if bw:
         out.append(f"memory read bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']}); "
                    f"{bpt['bytes'] / 2**20:.1f} MiB read per decoded token ({bpt['basis']})")
@@ -306,9 +318,21 @@ def main_bench(a) -> int:
     backends = [b.strip() for b in (a.backend or "auto").split(",")]
     c = BenchConfig(model=Path(a.model) if a.model else None, backends=backends, prompt_tokens=a.p, gen_tokens=a.n,
                     reps=a.r, threads=a.threads, seed=a.seed, warmup=not a.no_warmup,
-                    memory=dict(memory_budget=a.memory_budget, context=a.context, kv_overflow=a.kv_overflow))
+                    memory=dict(memory_budget=a.memory_budget, context=a.context, kv_overflow=a.kv_overflow,
+                                **({} if a.moe_top_k is None else {"moe_top_k": a.moe_top_k})),
+                    sparsity=getattr(a, "sparsity", 0.0),
+                    speculative=dict(draft=a.draft, num_draft=a.num_draft, tree=a.tree))
+    if a.expert_budget is not None or a.expert_mass is not None:  # MoE-Spec caps verification passes only
+        from edgeinfer.moe import ExpertBudget
+
+        c.speculative["expert_budget"] = ExpertBudget(budget=a.expert_budget, mass=a.expert_mass, policy=a.budget_policy)
     _check(c)  # before fetching anything
+    from edgeinfer.speculative import check_options
+
+    check_options(a.draft, a.num_draft, a.tree)
     c.model = resolve_package(a.model)
+    if a.draft not in (None, "ngram"):
+        c.speculative["draft"] = str(resolve_package(a.draft))
     progress = None if a.json else (lambda s: print(s, file=sys.stderr, flush=True))
     r = run_bench(c, progress=progress)
     print(json.dumps(r, indent=1) if a.json else format_table(r))

@@ -141,6 +141,7 @@ HELP = """commands:
   /load FILE           continue a saved conversation
   /history             show the conversation
   /undo                forget the last question and its answer
+  /sparsity [LEVEL]    show the R-Sparse level and the package's levels, or switch (0: dense; the conversation stays)
   /exit                leave (Ctrl-D works too)
 keys:
   Enter sends · Alt-Enter (or Esc Enter), a line ending in \\, or a block between \"\"\" lines: several lines
@@ -199,7 +200,7 @@ class Repl:
         self.commands = {
             "/help": self.cmd_help, "/reset": self.cmd_reset, "/system": self.cmd_system, "/stats": self.cmd_stats,
             "/set": self.cmd_set, "/save": self.cmd_save, "/load": self.cmd_load, "/history": self.cmd_history,
-            "/undo": self.cmd_undo,
+            "/undo": self.cmd_undo, "/sparsity": self.cmd_sparsity,
         }
 
     # -- output -------------------------------------------------------------------------------------
@@ -362,6 +363,20 @@ class Repl:
             return
         setting.set(self, value.strip())
         self.say(f"{key.replace('-', '_')} {setting.get(self)}")
+
+    def cmd_sparsity(self, arg: str) -> None:
+        from edgeinfer.sparse.plan import available_levels
+
+        levels = ", ".join(f"{x:.2f}" for x in available_levels(self.model.package)) or "none (edgeinfer sparsify makes them)"
+        if not arg:
+            self.say(f"sparsity {self.model.sparsity:.2f}; this package's levels: {levels}")
+            return
+        try:
+            level = float(arg)
+        except ValueError:
+            raise EdgeInferError(f"/sparsity takes a level such as 0.5 (this package's: {levels}), not {arg!r}") from None
+        self.model.set_sparsity(level)  # clears the cache: the next answer recomputes the conversation under the new plan
+        self.say(f"sparsity {self.model.sparsity:.2f}")
 
     def cmd_save(self, arg: str) -> None:
         if not arg:

@@ -123,6 +123,8 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per answer at most (default: the workload's)")
     p.add_argument("--backend", default="auto", help="backend when not swept (default auto)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads when not swept (ONNX backend)")
+    p.add_argument("--sparsity", type=float, default=0.0, metavar="LEVEL",
+                   help="R-Sparse level the package holds a plan for (edgeinfer sparsify); default 0: dense")
     p.add_argument("--sweep", action="append", default=[], metavar="AXIS=V1,V2",
                    help="compare settings along an axis: backend or threads (see below)")
     p.add_argument("--battery", action="store_true", help="estimate answers per full charge from the battery's discharge")
@@ -344,12 +346,15 @@ def run_profile(a) -> int:
     try:
         for pkg, backend, nthreads in itertools.product(packages, backends, threads):
             load_opts = {"threads": nthreads} if nthreads is not None else {}
+            if getattr(a, "sparsity", 0.0):
+                load_opts["sparsity"] = a.sparsity
             model = edgeinfer.load(pkg, backend=backend, **load_opts)
             used = getattr(model, "backend_name", backend)
             if nthreads is not None and used == "mlx":
                 raise EdgeInferError("--threads/--sweep threads: MLX has no thread-count control (this package runs on MLX)")
             name, bits = _package_label(model)
-            label = f"{name} {bits}-bit {used}" + (f" {nthreads}t" if nthreads is not None else "")
+            label = f"{name} {bits}-bit {used}" + (f" {nthreads}t" if nthreads is not None else "") \
+                + (f" sparsity {a.sparsity:.2f}" if getattr(a, "sparsity", 0.0) else "")
             room = model.cache.max_tokens - opts["max_tokens"] - 8
             if room < 8:
                 raise EdgeInferError(f"{pkg}: its context ({model.cache.max_tokens}) leaves no room for {opts['max_tokens']} tokens")

@@ -69,15 +69,22 @@ def _store(name: str, t, bits: int, group: int, notes: list[str]):
     if isinstance(t, QuantizedTensor):
         return t
     t = np.asarray(t)
-    if t.ndim != 2 or not QUANTIZABLE.search(name):
+    # 3-D: MoE experts stacked [E, out, in], quantized as E*out rows. The router (moe.router.weight) is
+    # not a _proj and stays float32: it is tiny, and its top-k is a discrete choice that rounding flips.
+    if t.ndim not in (2, 3) or not QUANTIZABLE.search(name):
         return t.astype(np.float32)
     if bits == 32:
         return t.astype(np.float32)
     if bits == 16:
         return t.astype(np.float16)
-    if t.shape[1] % group:
-        notes.append(f"{name} kept in float16: its input size {t.shape[1]} is not a multiple of {group}")
+    if t.shape[-1] % group:
+        notes.append(f"{name} kept in float16: its input size {t.shape[-1]} is not a multiple of {group}")
         return t.astype(np.float16)
+    if t.ndim == 3:
+        q = quantize(t.reshape(-1, t.shape[-1]), bits, group, scale_dtype=np.float16)
+        lead = t.shape[:2]
+        return QuantizedTensor(q.weight.reshape(*lead, -1), q.scales.reshape(*lead, -1), q.biases.reshape(*lead, -1),
+                               bits, group)
     return quantize(t, bits, group, scale_dtype=np.float16)
 
 

@@ -36,6 +36,20 @@ _LAYER_GEMMA = {
     "pre_feedforward_layernorm": "mlp_norm",
     "post_feedforward_layernorm": "post_mlp_norm",
 }
+# MoE blocks: the router and Qwen2-MoE's shared expert; experts are stacked (see HFSource.tensors).
+_LAYER_MOE = {
+    "mlp.gate": "moe.router",
+    "block_sparse_moe.gate": "moe.router",
+    "mlp.shared_expert.gate_proj": "moe.shared.gate_proj",
+    "mlp.shared_expert.up_proj": "moe.shared.up_proj",
+    "mlp.shared_expert.down_proj": "moe.shared.down_proj",
+    "mlp.shared_expert_gate": "moe.shared_gate",
+}
+# One expert's projection: Qwen/OLMoE names, and Mixtral's w1 (gate), w2 (down), w3 (up).
+_EXPERT = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.weight")
+# transformers 5's in-memory layout, [E, 2I, H] (gate then up) and [E, H, I], should a checkpoint be saved so.
+_STACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_MIXTRAL_W = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
 _SKIP = re.compile(r"(vision_tower|multi_modal_projector|rotary_emb\.inv_freq)")
 
@@ -181,14 +195,50 @@ class HFSource:
         m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name)
         if m:
             i, mod, kind = m.groups()
-            table = {**_LAYER_COMMON, **(_LAYER_GEMMA if self.spec.arch == "gemma3" else _LAYER_LLAMA)}
+            table = {**_LAYER_COMMON, **(_LAYER_GEMMA if self.spec.arch == "gemma3" else _LAYER_LLAMA),
+                     **(_LAYER_MOE if self.spec.num_experts else {})}
             if mod in table:
                 return f"layers.{i}.{table[mod]}.{kind}"
         raise EdgeInferError(f"{self.path}: tensor {name!r} does not belong to a {self.spec.arch} model as edgeinfer knows it")
 
+    def _strip(self, name: str) -> str:
+        for pre in _PREFIXES:
+            if name.startswith(pre):
+                return name[len(pre) :]
+        return name
+
+    def _experts(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Each MoE layer's experts stacked into [E, out, in] per projection, one projection at a time
+        (the runtime's gather matmuls index the expert on the leading axis)."""
+        found: dict[tuple[int, str], dict[int, tuple]] = {}
+        for f, name in self.tensor_names():
+            short = self._strip(name)
+            m = _EXPERT.fullmatch(short)
+            if m:
+                i, e, proj = int(m.group(1)), int(m.group(2)), _MIXTRAL_W.get(m.group(3), m.group(3))
+                found.setdefault((i, proj), {})[e] = (f, name)
+            elif _STACKED.fullmatch(short):
+                i, kind = _STACKED.fullmatch(short).groups()
+                arr = f.get(name)
+                if kind == "gate_up_proj":
+                    half = arr.shape[1] // 2
+                    yield f"layers.{i}.moe.experts.gate_proj.weight", arr[:, :half]
+                    yield f"layers.{i}.moe.experts.up_proj.weight", arr[:, half:]
+                else:
+                    yield f"layers.{i}.moe.experts.down_proj.weight", arr
+        n = self.spec.num_experts
+        for (i, proj), by_expert in sorted(found.items()):
+            if sorted(by_expert) != list(range(n)):
+                raise EdgeInferError(f"{self.path}: layer {i} has {proj} for experts {sorted(by_expert)}, not all {n}")
+            yield f"layers.{i}.moe.experts.{proj}.weight", np.stack([f.get(nm) for f, nm in (by_expert[e] for e in range(n))])
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """Yields (package name, float32 or float16 array), one tensor at a time."""
+        if self.spec.num_experts:
+            yield from self._experts()
         for f, name in self.tensor_names():
+            if self.spec.num_experts and (_EXPERT.fullmatch(self._strip(name)) or _STACKED.fullmatch(self._strip(name))):
+                continue
             out = self._map_name(name)
             if out is None:
                 continue

@@ -54,6 +54,7 @@ class _Graph:
         self.weights = weights
         self.weights_rel = weights_rel
         self._n = 0
+        self.group_sums: dict = {}  # (input, group size) -> its per-group sums, shared by the linears reading it
 
     def close(self) -> None:
         self.data.close()
@@ -91,10 +92,14 @@ class _Graph:
         self.data.write(arr.tobytes())
         return self._external(name, dtype, arr.shape, self.data_location, pos + pad, arr.nbytes)
 
-    def stored(self, name: str, tensor: str, dtype, shape) -> str:
-        """A tensor of model.safetensors used as stored (same bytes), viewed with another dtype/shape."""
+    def stored(self, name: str, tensor: str, dtype, shape, expert: int | None = None) -> str:
+        """A tensor of model.safetensors used as stored (same bytes), viewed with another dtype/shape;
+        ``expert``: only that slice of a stacked [E, ...] MoE tensor."""
         info = self.weights.header[tensor]
         a, b = info["data_offsets"]
+        if expert is not None:
+            per = (b - a) // int(info["shape"][0])
+            a, b = a + expert * per, a + (expert + 1) * per
         length = b - a
         if length != int(np.prod(shape)) * np.dtype(dtype).itemsize:
             raise ValueError(f"{tensor}: {length} bytes cannot be viewed as {dtype} {shape}")
@@ -111,12 +116,24 @@ class _Graph:
         return self.const(self.uniq("i64"), np.asarray(values, dtype=np.int64))
 
 
+class _ExpertView:
+    """One expert of stacked [E, ...] MoE tensors, seen as plain 2-D tensors (what _Linear reads)."""
+
+    def __init__(self, weights: SafetensorsFile, expert: int):
+        self.weights, self.expert = weights, expert
+        self.header = {k: dict(v, shape=v["shape"][1:]) for k, v in weights.header.items()
+                       if ".moe.experts." in k and isinstance(v, dict)}
+
+    def get(self, name: str) -> np.ndarray:
+        return self.weights.get(name)[self.expert]
+
+
 class _Linear:
     """One projection (or several fused along N, sharing their input) as graph nodes."""
 
-    def __init__(self, g: _Graph, pkg: Package, names: list[str], accuracy_level: int):
+    def __init__(self, g: _Graph, pkg: Package, names: list[str], accuracy_level: int, expert: int | None = None):
         self.g = g
-        w = g.weights
+        w = _ExpertView(g.weights, expert) if expert is not None else g.weights
         quant = pkg.quantization
         per = quant.get("tensors", {})
         qp = [per.get(n, quant) for n in names]
@@ -124,6 +141,7 @@ class _Linear:
         if not self.quantized and any(f"{n}.scales" in w.header for n in names):
             raise EdgeInferError(f"{names}: fused projections mix quantized and float weights")
         label = names[0] if len(names) == 1 else names[0].rsplit(".", 1)[0] + "." + "_".join(n.rsplit(".", 1)[1] for n in names)
+        label += "" if expert is None else f".{expert}"
         biases = [w.get(f"{n}.bias") if f"{n}.bias" in w.header else None for n in names]
         if self.quantized:
             bits = {q.get("bits") for q in qp}
@@ -143,14 +161,14 @@ class _Linear:
             # multiplies the int8 activations' rounding error (Gemma 3's 5-bit tensors: KL 0.55 -> see docs).
             shift = 2 ** (self.out_bits - 1) - 2 ** (bits - 1)
             if len(names) == 1 and bits in (4, 8):
-                B = g.stored(f"{label}.B", f"{names[0]}.weight", np.uint8, (self.N, G, group * bits // 8))
+                B = g.stored(f"{label}.B", f"{names[0]}.weight", np.uint8, (self.N, G, group * bits // 8), expert=expert)
             else:
                 qs = [unpack_bits(np.asarray(p), bits) + shift for p in packed]
                 q = np.concatenate(qs, axis=0) if len(qs) > 1 else qs[0]
                 B = g.const(f"{label}.B", pack_bits(q, self.out_bits).view(np.uint8).reshape(self.N, G, group * self.out_bits // 8))
             s = np.concatenate(scales, 0)
             if len(names) == 1 and w.header[f"{names[0]}.scales"]["dtype"] == "F32":
-                S = g.stored(f"{label}.scales", f"{names[0]}.scales", np.float32, (self.N * G,))
+                S = g.stored(f"{label}.scales", f"{names[0]}.scales", np.float32, (self.N * G,), expert=expert)
             else:
                 S = g.const(f"{label}.scales", s.reshape(-1))
             corr = np.concatenate(offs, 0) + float(2 ** (bits - 1)) * s  # [N, G]: w = s * (q8 - zp) + corr
@@ -185,10 +203,89 @@ class _Linear:
                    bits=self.out_bits, block_size=self.group, accuracy_level=self.accuracy_level)
         if self.corr is None:
             return y
-        # per-group input sums [1, S, G] times the offsets [G, N]
-        xg = g.node("Reshape", [x, g.int64([0, 0, self.G, self.group])])
-        sums = g.node("ReduceSum", [xg, g.int64([-1])], keepdims=0)
-        return g.node("Add", [y, g.node("MatMul", [sums, self.corr])])
+        # per-group input sums [1, S, G] times the offsets [G, N]; the sums computed once per input (an MoE
+        # expert's gate and up projections share them)
+        key = (x, self.group)
+        if key not in g.group_sums:
+            xg = g.node("Reshape", [x, g.int64([0, 0, self.G, self.group])])
+            g.group_sums[key] = g.node("ReduceSum", [xg, g.int64([-1])], keepdims=0)
+        return g.node("Add", [y, g.node("MatMul", [g.group_sums[key], self.corr])])
+
+
+def _moe_block(g: _Graph, spec, p: str, h: str, expert_lin, projections, stats: list[str]) -> str:
+    """An MoE layer as plain ONNX ops: router softmax, the expert budget (graph input ``moe_ctrl`` = [experts
+    kept, mass share, truncate], as edgeinfer/moe.py and the MLX block define it), top-k with k the graph
+    input ``moe_top_k``, then per expert the rows routed to it (NonZero + Gather), its MatMulNBits, and a
+    ScatterND-add back, inside an If that skips an expert no token picked (no kernels, no weight reads). ORT's
+    contrib MoE/QMoE kernels fix k as an attribute and route inside the kernel, so neither the budget nor a
+    run-time k could be expressed with them."""
+    from onnx import TensorProto
+
+    E, H = spec.num_experts, spec.hidden_size
+    f = TensorProto.FLOAT
+    x = g.node("Reshape", [h, g.int64([-1, H])])  # [T, H]
+    router = np.asarray(g.weights.get(f"{p}.moe.router.weight"), np.float32)
+    probs = g.node("Softmax", [g.node("MatMul", [x, g.const(f"{p}.moe.router_t", np.ascontiguousarray(router.T))])], axis=-1)
+    ctrl = lambda i: g.node("Gather", ["moe_ctrl", g.int64(i)], axis=0)  # noqa: E731  scalars
+    kf = g.node("Cast", [g.node("Squeeze", ["moe_top_k"])], to=f)
+    mass = g.node("ReduceSum", [probs, g.int64([0])], keepdims=0)  # [E]
+    sorted_mass, order = g.node("TopK", [mass, g.int64([E])], n_out=2, axis=-1, largest=1, sorted=1)
+    before = g.node("CumSum", [sorted_mass, g.int64(0)], exclusive=1)
+    share = g.node("Mul", [ctrl(1), g.node("ReduceSum", [mass], keepdims=0)])
+    by_mass = g.node("Max", [g.node("ReduceSum", [g.node("Cast", [g.node("Less", [before, share])], to=f)], keepdims=0), kf])
+    zero = g.const(g.uniq("zero"), np.array(0, np.float32))
+    keep_n = g.node("Where", [g.node("Greater", [ctrl(1), zero]), by_mass, ctrl(0)])
+    kept_sorted = g.node("Cast", [g.node("Less", [g.const(g.uniq("rank"), np.arange(E, dtype=np.float32)), keep_n])], to=f)
+    kept = g.node("Greater", [g.node("ScatterElements", [g.const(g.uniq("zeros"), np.zeros(E, np.float32)), order, kept_sorted], axis=0),
+                              g.const(g.uniq("half"), np.array(0.5, np.float32))])
+    k = "moe_top_k"
+    _, idx_s = g.node("TopK", [g.node("Where", [kept, probs, g.const(g.uniq("m1"), np.array(-1, np.float32))]), k], n_out=2, axis=-1)
+    w_s = g.node("GatherElements", [probs, idx_s], axis=-1)
+    w0, idx0 = g.node("TopK", [probs, k], n_out=2, axis=-1)
+    survive = g.node("Gather", [kept, idx0], axis=0)
+    trunc = g.node("Greater", [ctrl(2), zero])
+    idx = g.node("Where", [trunc, g.node("Where", [survive, idx0, g.node("Gather", [order, g.int64(0)], axis=0)]), idx_s])
+    w = g.node("Where", [trunc, g.node("Where", [survive, w0, zero]), w_s])
+    # stats: distinct experts requested and run, share of the requested mass kept
+    depth, onoff = g.int64([E]), g.const(g.uniq("onoff"), np.array([0, 1], np.float32))
+    distinct = lambda oh: g.node("ReduceSum", [g.node("ReduceMax", [oh, g.int64([0, 1])], keepdims=0)], keepdims=0)  # noqa: E731
+    used = g.node("Mul", [g.node("OneHot", [idx, depth, onoff], axis=-1),
+                          g.node("Unsqueeze", [g.node("Cast", [g.node("Greater", [w, zero])], to=f), g.int64([-1])])])
+    stats.append(g.node("Concat", [g.node("Unsqueeze", [t, g.int64([0])]) for t in (
+        distinct(g.node("OneHot", [idx0, depth, onoff], axis=-1)), distinct(used),
+        g.node("Div", [g.node("ReduceSum", [w], keepdims=0), g.node("ReduceSum", [w0], keepdims=0)]))], axis=0))
+    if spec.norm_topk_prob:
+        w = g.node("Div", [w, g.node("Max", [g.node("ReduceSum", [w, g.int64([-1])], keepdims=1),
+                                             g.const(g.uniq("tiny"), np.array(1e-20, np.float32))])])
+    route = g.node("ScatterElements", [g.node("Mul", [probs, zero]), idx, w], axis=1, reduction="add")  # [T, E]
+    out = g.node("Mul", [x, zero])
+    for e in range(E):
+        col = g.node("Reshape", [g.node("Gather", [route, g.int64([e])], axis=1), g.int64([-1])])  # [T]
+        rows = g.node("Reshape", [g.node("NonZero", [g.node("Greater", [col, zero])]), g.int64([-1])])
+        # The expert's nodes sit in an If branch taken only when a token is routed to it: an expert left out
+        # (by top-k or by an expert budget) then costs no kernel launches, not only no weight reads (on the
+        # tiny MoE, the unrouted experts' ~25 small nodes each were a third of a decode step's kernels).
+        outer, g.nodes = g.nodes, []
+        xe = g.node("Unsqueeze", [g.node("Gather", [x, rows], axis=0), g.int64([0])])  # [1, n, H]
+        gate = expert_lin(f"{p}.moe.experts.gate_proj", e)(xe)
+        act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), expert_lin(f"{p}.moe.experts.up_proj", e)(xe)])
+        ye = g.node("Squeeze", [expert_lin(f"{p}.moe.experts.down_proj", e)(act), g.int64([0])])
+        ye = g.node("Mul", [ye, g.node("Unsqueeze", [g.node("Gather", [col, rows], axis=0), g.int64([-1])])])
+        ran = g.node("ScatterND", [out, g.node("Unsqueeze", [rows, g.int64([-1])]), ye], reduction="add")
+        body, g.nodes = g.nodes, outer
+        skipped = g.uniq("skipped")
+        branch = lambda nodes, y: g.helper.make_graph(nodes, g.uniq(f"{p}.expert{e}"), [],  # noqa: E731
+                                                      [g.helper.make_tensor_value_info(y, f, None)])
+        out = g.node("If", [g.node("Greater", [g.node("Size", [rows]), g.int64(0)])], then_branch=branch(body, ran),
+                     else_branch=branch([g.helper.make_node("Identity", [out], [skipped])], skipped))
+    out = g.node("Reshape", [out, g.node("Shape", [h])])
+    if spec.shared_expert_size:
+        sg, su = projections([f"{p}.moe.shared.gate_proj", f"{p}.moe.shared.up_proj"], h)
+        sh = expert_lin(f"{p}.moe.shared.down_proj", None)(g.node("Mul", [g.node("Mul", [sg, g.node("Sigmoid", [sg])]), su]))
+        gate_w = np.asarray(g.weights.get(f"{p}.moe.shared_gate.weight"), np.float32)
+        gate = g.node("Sigmoid", [g.node("MatMul", [h, g.const(f"{p}.moe.shared_gate_t", np.ascontiguousarray(gate_w.T))])])
+        out = g.node("Add", [out, g.node("Mul", [gate, sh])])
+    return out
 
 
 def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: int = 4, fuse: bool = True,
@@ -198,7 +295,7 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
     from onnx import TensorProto, helper
 
     spec = pkg.spec
-    if spec.arch not in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
+    if spec.arch not in ("llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
         raise EdgeInferError(f"the ONNX exporter does not know the {spec.arch} architecture")
     weights = SafetensorsFile(pkg.weights_path)
     g = _Graph(Path(data_path), data_location, weights, os.path.relpath(pkg.weights_path, Path(onnx_path).parent))
@@ -264,6 +361,9 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
         def mlp(p: str, h: str) -> str:
             """The feed-forward block of layer ``p``: the place an MoE block (router + experts under an
             expert budget) goes; its projections go through ``lin``, where R-Sparse linears go."""
+            if spec.is_moe_layer(int(p.split(".")[1])):
+                return _moe_block(g, spec, p, h, lambda n, e: _Linear(g, pkg, [n], accuracy_level, expert=e),
+                                  projections, moe_stats)
             gate, up = projections([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], h)
             if spec.mlp_act == "silu":
                 act = g.node("Mul", [gate, g.node("Sigmoid", [gate])])
@@ -271,7 +371,9 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
                 act = g.node("FastGelu", [gate], domain="com.microsoft")
             return lin([f"{p}.mlp.down_proj"])(g.node("Mul", [act, up]))
 
+        moe_stats: list[str] = []
         seqlens, total = "seqlens_k", "total_sequence_length"
+        positions, bias = tree_inputs(g)
         h = g.node("SimplifiedLayerNormalization", [x, f32("layers.0.attn_norm.weight")], axis=-1, epsilon=eps, name="l0.attn_norm")
         residual = x
         kv_inputs, kv_outputs = [], []
@@ -285,7 +387,10 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
                 qkv_in = [lin(qkv_names)(h), "", ""]  # [q | k | v] in one tensor, as GroupQueryAttention takes it
             else:
                 q, k, v = projections(qkv_names, h)
-            if spec.qk_norm:
+            if spec.qk_norm_full:  # OLMoE: over the whole projection
+                q = g.node("SimplifiedLayerNormalization", [q, f32(f"{p}.attn.q_norm.weight")], axis=-1, epsilon=eps)
+                k = g.node("SimplifiedLayerNormalization", [k, f32(f"{p}.attn.k_norm.weight")], axis=-1, epsilon=eps)
+            elif spec.qk_norm:
                 q = g.node("Reshape", [g.node("SimplifiedLayerNormalization",
                                               [g.node("Reshape", [q, g.int64([0, 0, nq, D])]), f32(f"{p}.attn.q_norm.weight")],
                                               axis=-1, epsilon=eps), g.int64([0, 0, nq * D])])
@@ -307,7 +412,7 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
                 attrs["softcap"] = float(spec.attn_logit_softcap)
             attn = g.uniq(f"l{i}.attn")
             g.nodes.append(helper.make_node(
-                "GroupQueryAttention", qkv_in + [past_k, past_v, seqlens, total, cos, sin], [attn, pres_k, pres_v],
+                "GroupQueryAttention", qkv_in + [past_k, past_v, seqlens, total, cos, sin, positions, bias], [attn, pres_k, pres_v],
                 name=f"l{i}.gqa", domain="com.microsoft", **attrs))
             o = lin([f"{p}.attn.o_proj"])(attn)
             if spec.sandwich_norm:
@@ -342,10 +447,18 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
             helper.make_tensor_value_info("logits_start", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("position_delta", TensorProto.INT64, [1, "delta_tokens"]),
+            helper.make_tensor_value_info("tree_bias", TensorProto.FLOAT, [1, 1, "bias_rows", "bias_keys"]),
         ] + [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["rope_positions", D // 2]) for t in tables.values() for n in t] \
           + [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, nkv, cap, D]) for n in kv_inputs]
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "kept", spec.vocab_size])] + [
             helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, nkv, cap, D]) for n in kv_outputs]
+        if moe_stats:  # the expert budget and k as data, and per MoE layer [requested, kept, mass kept]
+            inputs += [helper.make_tensor_value_info("moe_ctrl", TensorProto.FLOAT, [3]),
+                       helper.make_tensor_value_info("moe_top_k", TensorProto.INT64, [1])]
+            g.nodes.append(helper.make_node("Reshape", [g.node("Concat", moe_stats, axis=0), g.int64([-1, 3])], ["moe_stats"],
+                                            name="moe_stats"))
+            outputs.append(helper.make_tensor_value_info("moe_stats", TensorProto.FLOAT, [len(moe_stats), 3]))
         graph = helper.make_graph(g.nodes, f"edgeinfer_{spec.arch}", inputs, outputs, initializer=g.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
                                   producer_name="edgeinfer")
@@ -356,6 +469,29 @@ def build_graph(pkg: Package, onnx_path: Path, data_path: Path, accuracy_level: 
         f.write(model.SerializeToString())
         f.flush()
         os.fsync(f.fileno())
+
+
+def tree_inputs(g: _Graph) -> tuple[str, str]:
+    """GroupQueryAttention's position_ids and attention_bias, for verifying speculated token trees in one
+    pass: ``position_ids = range(total - S, total) + position_delta`` and an additive bias that is zero
+    for the context and ``tree_bias`` [1, 1, S, K] over the last K positions. A plain causal chunk
+    passes zeros of shape [1, 1] and [1, 1, 1, 1] (bound once: ORT's IO binding cannot bind initializers
+    that inputs override, so these are plain inputs)."""
+    from onnx import TensorProto, helper
+
+    delta, tree = "position_delta", "tree_bias"
+    total = g.node("Cast", ["total_sequence_length"], to=TensorProto.INT64)
+    rows = g.node("Shape", ["input_ids"], start=1, end=2)  # [S]
+    start = g.node("Sub", [total, g.node("Squeeze", [rows])])
+    steps = g.node("Range", [start, total, g.const("i64_one", np.array(1, np.int64))])
+    positions = g.node("Add", [g.node("Unsqueeze", [steps, g.int64([0])]), delta], name="position_ids")
+    keys = g.node("Shape", [tree], start=3, end=4)  # [K]
+    context = g.node("Sub", [g.node("Unsqueeze", [total, g.int64([0])]), keys])
+    ones = g.int64([1, 1])
+    zeros = g.node("ConstantOfShape", [g.node("Concat", [ones, rows, context], axis=0)],
+                   value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    tail = g.node("Expand", [tree, g.node("Concat", [ones, rows, keys], axis=0)])
+    return positions, g.node("Concat", [zeros, tail], axis=3, name="attention_bias")
 
 
 # Text for the int8-activation check: generic prose, never evaluation data.
@@ -370,7 +506,16 @@ MAX_CHECK_KL = 0.05  # mean KL (nats) of the int8-activation graph to the exact 
 
 
 def _set_accuracy(model, level: int) -> None:
-    for n in model.graph.node:
+    from onnx import AttributeProto
+
+    def nodes(graph):  # MoE experts' MatMulNBits sit in If branches (_moe_block)
+        for n in graph.node:
+            yield n
+            for a in n.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    yield from nodes(a.g)
+
+    for n in nodes(model.graph):
         if n.op_type == "MatMulNBits":
             for a in n.attribute:
                 if a.name == "accuracy_level":

@@ -17,6 +17,7 @@ EPILOG = """examples:
   edgeinfer generate -m models/smollm2 -p "Once upon a time" --max-tokens 64
   edgeinfer eval -m models/smollm2 ppl --data wiki.test.raw --window 512 --max-windows 8
   edgeinfer bench -m models/smollm2 -p 512 -n 128 -r 5 --threads 2   prefill/decode t/s, like llama-bench
+  edgeinfer sparsify models/smollm2 --sparsity 0.4 0.5   add R-Sparse plans; then generate/chat/eval --sparsity 0.5
 
 -m accepts a package folder or a catalog name (smollm2-135m-instruct, gemma3-270m), which is fetched and
 converted into models/ on first use. Errors print one line and exit with status 2."""
@@ -58,6 +59,86 @@ def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for recently seen tokens (default 1: off)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears (repeatable)")
+
+
+def _add_sparsity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", type=float, default=0.0, metavar="LEVEL",
+                   help="R-Sparse activation sparsity: a level the package holds a plan for (made by `edgeinfer sparsify`; "
+                        "the manifest's sparsity.levels lists them), e.g. 0.5; one-token decode steps run sparse, prefill "
+                        "dense (default 0: dense)")
+
+
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", default=None, metavar="PKG|ngram",
+                   help="draft tokens cheaply and verify them with the model in one pass: a smaller package with the same "
+                        "tokenizer (folder or catalog name), or ngram (prompt lookup: continue earlier occurrences of the "
+                        "last tokens; good for code, edits, quoting). Greedy output is unchanged; sampling keeps the "
+                        "model's distribution")
+    g.add_argument("--num-draft", type=int, default=4, metavar="N",
+                   help="tokens drafted per step at most, as a chain; the length adapts: 2 more after a draft accepted "
+                        "whole, 1 fewer otherwise (default 4)")
+    g.add_argument("--tree", default=None, metavar="WxD",
+                   help="draft a tree instead of a chain: W candidates per depth, at most D deep (e.g. 2x4), verified "
+                        "in one tree-masked pass")
+
+
+def _add_moe(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mixture of experts (MoE models only)")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--expert-budget", type=int, default=None, metavar="B",
+                   help="MoE-Spec: when verifying speculative drafts (--draft), run at most B distinct experts per MoE layer "
+                        "(those with the most summed routing probability over the drafted tokens); B >= the model's top-k; "
+                        "prefill and plain decoding are never capped")
+    b.add_argument("--expert-mass", type=float, default=None, metavar="F",
+                   help="like --expert-budget, but keep the fewest experts holding a share F (0 < F <= 1) of the routing mass")
+    g.add_argument("--budget-policy", choices=["substitute", "truncate"], default="substitute",
+                   help="a token whose experts were cut: substitute (re-pick its top-k among the kept experts) or truncate "
+                        "(drop the cut ones) (default substitute)")
+    g.add_argument("--moe-top-k", type=int, default=None, metavar="K",
+                   help="experts per token for every forward, instead of the model's own top-k (\"dial k\": fewer is faster, "
+                        "less exact)")
+
+
+def _expert_budget(a):
+    """--expert-budget/--expert-mass/--budget-policy as an ExpertBudget, or None."""
+    if getattr(a, "expert_budget", None) is None and getattr(a, "expert_mass", None) is None:
+        return None
+    from .moe import ExpertBudget
+
+    return ExpertBudget(budget=a.expert_budget, mass=a.expert_mass, policy=getattr(a, "budget_policy", "substitute"))
+
+
+def _check_moe(m, a) -> None:
+    """MoE flags on a dense model are an error; a budget without a draft does nothing, so it warns."""
+    from .moe import check_moe
+
+    budget = _expert_budget(a)
+    check_moe(m.spec, budget, None)
+    if budget is not None:
+        budget.controls(m.spec, getattr(m.backend, "moe_top_k", m.spec.num_experts_per_tok))
+        if getattr(a, "draft", None) is None:
+            print("edgeinfer: --expert-budget/--expert-mass cap the verification of speculative drafts; without --draft "
+                  "they change nothing", file=sys.stderr)
+
+
+def _attach_speculative(m, a) -> None:
+    """--draft/--num-draft/--tree: the model's default speculator."""
+    from .speculative import make_speculator
+
+    draft = getattr(a, "draft", None)
+    if draft is not None and draft != "ngram":
+        from edgeinfer.apps.resolve import resolve_package
+
+        draft = str(resolve_package(draft))
+    # MoE-Spec: the budget caps verification forwards only; prefill is never capped
+    m.speculative = make_speculator(m, draft, a.num_draft, a.tree, expert_budget=_expert_budget(a))
+
+
+def _check_speculative(a) -> None:
+    from .speculative import check_options
+
+    check_options(getattr(a, "draft", None), getattr(a, "num_draft", 4), getattr(a, "tree", None))
 
 
 def _add_meter(p: argparse.ArgumentParser) -> None:
@@ -115,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (implies --chat)")
     p.add_argument("--no-stats", action="store_true", help="do not print the stats line")
+    _add_sparsity(p)
     _add_meter(p)
     _add_memory(p)
     _add_sampling(p)
+    _add_speculative(p)
+    _add_moe(p)
 
     p = sub.add_parser("chat", help="chat with a model (interactive, or one prompt per line from a pipe)",
                        description="Interactive chat in a terminal. With stdin not a terminal, reads one prompt per line "
@@ -126,9 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
     p.add_argument("--no-markdown", action="store_true", help="print answers as plain text (no Markdown styling)")
+    _add_sparsity(p)
     _add_meter(p)
     _add_memory(p)
     _add_sampling(p, max_tokens=512)
+    _add_speculative(p)
+    _add_moe(p)
 
     p = sub.add_parser("plan", help="how a model fits a memory budget, and what it gives up to fit",
                        description="Print the memory plan: bytes for the weights (exact, from the package), the KV cache per "
@@ -143,9 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the catalog's models and which are converted",
                        description="List the models of models/catalog.json, and whether each is converted under models/.")
 
-    p = sub.add_parser("eval", help="evaluate a package (perplexity)", description="Evaluate a package.")
+    p = sub.add_parser("eval", help="evaluate a package (perplexity, generation check)",
+                       description="Evaluate a package. With --sparsity, ppl sparsifies every position (each token on its "
+                                   "own, as TEAL evaluates; MLX backend) and gen compares greedy generations with dense.")
     _add_model(p)
     _add_memory(p)
+    _add_sparsity(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     esub = p.add_subparsers(dest="task", metavar="TASK")
     esub.required = True
@@ -154,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     pp.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     pp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    pg = esub.add_parser("gen", help="greedy generations under --sparsity against dense: agreement, and the texts",
+                         description="For a fixed set of prompts (or --prompts FILE, one per line): greedy continuations "
+                                     "dense and sparse, both printed so garbled text is visible; agreement = the share of "
+                                     "the dense continuation's tokens that the sparse model also predicts greedily when fed "
+                                     "the dense text (teacher-forced, decode steps sparse), and the tokens until the free "
+                                     "sparse generation first differs.")
+    pg.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (default: 8 built-in prompts)")
+    pg.add_argument("--max-tokens", type=int, default=48, help="tokens per continuation (default 48)")
+    pg.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no texts (the figures only)")
 
     p = sub.add_parser("bench", help="prefill and decode speed, like llama-bench",
                        description="Prefill (ppP) and decode (tgN) tokens/s as mean and standard deviation over -r "
@@ -169,12 +268,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
     p.add_argument("--no-warmup", action="store_true", help="count the first run too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_sparsity(p)
     _add_memory(p)
+    _add_speculative(p)
+    _add_moe(p)
 
     p = sub.add_parser("meters", help="list the energy meters this machine offers",
                        description="List every energy meter edgeinfer knows, what it measures (its source label), whether "
                                    "it works here and why not, and which one --meter auto picks.")
     p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+    p = sub.add_parser("sparsify", help="add R-Sparse activation-sparsity plans to a package",
+                       description="Calibrate activation sparsity for PKG and add one plan per level (thresholds, sparse "
+                                   "shares, ranks, low-rank factors) to the package, atomically; run with --sparsity LEVEL "
+                                   "afterwards. Calibration text is generated by the model itself from fixed seed prompts "
+                                   "(or --calib FILE); never calibrate on the text you evaluate on.")
+    p.add_argument("package", metavar="PKG", help="package folder or catalog name")
+    p.add_argument("--sparsity", type=float, nargs="+", required=True, metavar="LEVEL",
+                   help="model-level sparsity (share of the seven projections' weights not read per token), one or more, "
+                        "e.g. 0.4 0.5 0.6")
+    p.add_argument("--method", choices=["rsparse", "teal"], default="rsparse",
+                   help="rsparse: sparse channels plus a low-rank residual, score |x|*||W col|| where rho < 1; "
+                        "teal: magnitude thresholds only (rho = 1, no low-rank) (default rsparse)")
+    p.add_argument("--search", choices=["evolutionary", "greedy", "uniform"], default=None,
+                   help="how sparsity (and rho) are spread over layers: evolutionary (R-Sparse's search, fitness the "
+                        "calibration perplexity), greedy (TEAL's per-projection allocation) or uniform "
+                        "(default: evolutionary for rsparse, uniform for teal)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--calib", default=None, metavar="FILE", help="calibration text (UTF-8) instead of generated text")
+    g.add_argument("--calib-generate", type=int, default=2048, metavar="N",
+                   help="tokens of calibration text the model generates from built-in seed prompts (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated text and of the search (default 0)")
+    s = p.add_argument_group("evolutionary search", "The paper searches with 16 samples, a population of about 32 and "
+                             "about 5 generations; the defaults (12 x 4, 8 windows: 42 evaluations of 1024 tokens) take "
+                             "about 5 minutes per level for SmolLM2-135M on 2 CPU cores.")
+    s.add_argument("--population", type=int, default=12, help="candidates per generation (default 12)")
+    s.add_argument("--generations", type=int, default=4, help="generations (default 4)")
+    s.add_argument("--fitness-windows", type=int, default=8,
+                   help="calibration windows of 128 tokens whose perplexity is the fitness (default 8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     from edgeinfer.apps.profile import add_profile_parser
 
@@ -190,7 +322,16 @@ def _load(a):
 
     from .model import load
 
-    return load(resolve_package(a.model), backend=a.backend, threads=a.threads, **_memory(a))
+    moe = {} if getattr(a, "moe_top_k", None) is None else {"moe_top_k": a.moe_top_k}
+    if moe:  # checked before loading: a dense model refuses the flag in one line
+        from .moe import check_moe
+        from .package import open_package
+
+        check_moe(open_package(resolve_package(a.model)).spec, None, a.moe_top_k)
+    m = load(resolve_package(a.model), backend=a.backend, threads=a.threads, sparsity=getattr(a, "sparsity", 0.0),
+             **_memory(a), **moe)
+    _check_moe(m, a)
+    return m
 
 
 def cmd_plan(a) -> int:
@@ -227,8 +368,10 @@ def cmd_convert(a) -> int:
 
 
 def cmd_generate(a) -> int:
+    _check_speculative(a)
     m = _load(a)
     _attach_meter(m, a)
+    _attach_speculative(m, a)
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     if a.system or a.chat:
         msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
@@ -247,8 +390,10 @@ def cmd_generate(a) -> int:
 def cmd_chat(a) -> int:
     from edgeinfer.apps.chat import run_chat
 
+    _check_speculative(a)
     m = _load(a)
     _attach_meter(m, a)
+    _attach_speculative(m, a)
     return run_chat(m, a, _sampling(a))
 
 
@@ -268,16 +413,42 @@ def cmd_models(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .evaluate import perplexity, read_text
+    from .evaluate import perplexity, read_text, sparse_every_position
 
+    if a.task == "gen":
+        return cmd_eval_gen(a)
     text = read_text(a.data)
+    if a.sparsity and a.backend == "auto":
+        a.backend = "mlx"  # sparse perplexity needs the all-positions mode, which the MLX backend has
     m = _load(a)
+    sparse_every_position(m)
     r = perplexity(m, text, window=a.window, max_windows=a.max_windows, progress=not a.quiet)
     if a.json:
         print(json.dumps({"model": str(m.package.path), "data": a.data, **r.to_dict()}))
     else:
         print(f"perplexity {r.ppl:.4f} over {r.windows} of {r.total_windows} windows of {r.window} tokens "
               f"({r.predicted_tokens} predicted tokens, {r.seconds:.1f} s)")
+    return 0
+
+
+def cmd_eval_gen(a) -> int:
+    from .evaluate import GEN_PROMPTS, generation_check, read_text
+
+    if not a.sparsity:
+        raise EdgeInferError("eval gen compares a sparsity level with dense: give --sparsity LEVEL")
+    prompts = [x for x in read_text(a.prompts).splitlines() if x.strip()] if a.prompts else GEN_PROMPTS
+    if not prompts:
+        raise EdgeInferError(f"{a.prompts} has no prompts (one per line)")
+    m = _load(a)
+    r = generation_check(m, prompts, max_tokens=a.max_tokens, progress=not a.quiet)
+    if a.json:
+        print(json.dumps({"model": str(m.package.path), "sparsity": m.sparsity, **r}))
+        return 0
+    if not a.quiet:
+        for s in r["samples"]:
+            print(f"### {s['prompt']}\n--- dense\n{s['dense']}\n--- sparsity {m.sparsity:.2f}\n{s['sparse']}\n")
+    print(f"greedy agreement with dense at sparsity {m.sparsity:.2f}: {r['agreement']:.3f} of {r['tokens']} tokens "
+          f"(teacher-forced); free generation matches dense for {r['mean_prefix']:.1f} tokens on average")
     return 0
 
 
@@ -291,6 +462,21 @@ def cmd_meters(a) -> int:
     from .energy import print_meters
 
     print_meters(json_out=a.json)
+    return 0
+
+
+def cmd_sparsify(a) -> int:
+    from edgeinfer.apps.resolve import resolve_package
+    from edgeinfer.converters.sparsify import SearchSettings, sparsify
+
+    command = "edgeinfer " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    pkg = resolve_package(a.package)
+    settings = SearchSettings(population=a.population, generations=a.generations, fitness_windows=a.fitness_windows)
+    done = sparsify(pkg, a.sparsity, method=a.method, search=a.search, calib_file=a.calib, calib_generate=a.calib_generate,
+                    seed=a.seed, command=command, settings=settings, progress=not a.quiet)
+    for level, e in done.items():
+        print(f"wrote {pkg}/{e['file']}: {e['method']} ({e['search']}), realized sparsity {e['realized']:.3f}, "
+              f"calibration ppl {e['fitness']['ppl']:.3f} (dense {e['fitness']['dense_ppl']:.3f})", file=sys.stderr)
     return 0
 
 
@@ -312,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
                 "models": cmd_models, "plan": cmd_plan, "bench": cmd_bench,
-                "meters": cmd_meters, "profile": cmd_profile,
+                "meters": cmd_meters, "profile": cmd_profile, "sparsify": cmd_sparsify,
                 "scenario": cmd_scenario}[a.cmd](a)
     except EdgeInferError as e:
         print(f"edgeinfer: {e}", file=sys.stderr)

@@ -83,3 +83,64 @@ def perplexity(model, text: str, window: int = 512, max_windows: int | None = No
         ppl=math.exp(mean), nll=mean, predicted_tokens=count, windows=n, window=window, total_windows=total,
         seconds=time.perf_counter() - t0,
     )
+
+
+# -- R-Sparse quality --------------------------------------------------------------------------------------
+# Prompts of the generation check: a mix of facts, instructions and open text, so that garbled output shows.
+GEN_PROMPTS = [
+    "What is the capital of France, and what is it famous for?",
+    "Explain in two sentences why the sea is salty.",
+    "Write a haiku about autumn leaves.",
+    "List the first five planets of the solar system in order from the sun.",
+    "How do I make a cup of tea?",
+    "Continue the story: The old clock in the hallway stopped at midnight, and",
+    "What is 12 times 12? Show your reasoning.",
+    "Give three reasons why people keep dogs as pets.",
+]
+
+
+def sparse_every_position(model) -> None:
+    """Puts a model loaded with a sparsity level into the all-positions mode (each token of a window
+    sparsified on its own, as TEAL evaluates perplexity); a dense model is left as it is."""
+    if not getattr(model, "sparsity", 0.0):
+        return
+    be = model.backend
+    if getattr(be, "sparsity_mode", None) is None:
+        raise EdgeInferError(f"perplexity under --sparsity needs the all-positions mode, which the {model.backend_name} "
+                             f"backend lacks; use --backend mlx")
+    be.set_sparsity(be.sparsity_plan, mode="all")
+
+
+def generation_check(model, prompts: list[str], max_tokens: int = 48, progress: bool = True) -> dict:
+    """Greedy continuations of ``prompts`` dense and at the model's sparsity level (decode steps sparse,
+    prefill dense, as generation runs). Returns the texts, the teacher-forced agreement (the share of the
+    dense continuation's tokens that the sparse model also picks greedily when fed the dense text) and,
+    per prompt, the tokens before the free sparse continuation first differs from dense."""
+    import numpy as np
+
+    from .model import GenerationConfig
+    from .sampling import SamplingParams
+
+    level = model.sparsity
+    tok = model.tokenizer
+    cfg = GenerationConfig(max_tokens=max_tokens, sampling=SamplingParams())
+    samples, agree, total = [], 0, 0
+    for prompt in tqdm(prompts, desc="generation check", unit="prompt", disable=None if progress else True, file=sys.stderr):
+        ids = tok.encode_chat([{"role": "user", "content": prompt}]) if tok.chat_template else tok.encode(prompt)
+        model.set_sparsity(0.0)
+        dense = list(model.stream_ids(ids, cfg))
+        model.set_sparsity(level)
+        sparse = list(model.stream_ids(ids, cfg))
+        model.reset()
+        be = model.backend
+        cache = be.new_cache(max_tokens=len(ids) + len(dense) + 1)
+        preds = [int(np.asarray(be.forward(ids, cache, last_only=True))[0, -1].argmax())]
+        for t in dense[:-1]:
+            preds.append(int(np.asarray(be.forward([t], cache))[0, -1].argmax()))
+        match = sum(p == d for p, d in zip(preds, dense))
+        agree, total = agree + match, total + len(dense)
+        prefix = next((i for i, (a, b) in enumerate(zip(dense, sparse)) if a != b), min(len(dense), len(sparse)))
+        samples.append({"prompt": prompt, "dense": tok.decode(dense), "sparse": tok.decode(sparse),
+                        "agreement": match / max(1, len(dense)), "prefix": prefix})
+    return {"agreement": agree / max(1, total), "tokens": total,
+            "mean_prefix": sum(s["prefix"] for s in samples) / max(1, len(samples)), "samples": samples}

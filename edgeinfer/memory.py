@@ -16,7 +16,9 @@ and picks the first configuration that fits, trying levers in order of cost: flo
 fit, else quantized ones (MLX's CPU backend is faster with float weights); the KV cache in the compute
 dtype, else fp16; the model's full context, else (when the user did not ask for a context) the largest
 context that fits; all layers resident, else the first k resident and the rest read from disk at every
-step. When nothing fits it refuses, naming the smallest budget that would work.
+step. MoE models on MLX have a lever before the context: all experts resident, else an expert cache of
+the most experts per layer that fit (the others read from disk when routed to; at least top-k). When
+nothing fits it refuses, naming the smallest budget that would work.
 
 R-Sparse low-rank factors and MoE expert budgets are further levers; this build has neither (the plan
 says so rather than pretending).
@@ -209,16 +211,18 @@ class Part:
     transient_dq: int  # extra bytes while loading it dequantized
 
 
-def weight_parts(pkg, compute_dtype: str) -> list[Part]:
+def weight_parts(pkg, compute_dtype: str, key_of=None) -> list[Part]:
     """Per part, its bytes on disk and in memory, exact from the safetensors header. Quantized scales and
-    biases are held in the compute dtype (in their stored dtype under bfloat16), like the MLX backend."""
+    biases are held in the compute dtype (in their stored dtype under bfloat16), like the MLX backend.
+    ``key_of(name)``: another grouping (None leaves a tensor out), e.g. one MoE layer's stacked experts."""
     dt = DTYPE_BYTES[compute_dtype]
     stored_compute = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[compute_dtype]
     index = safetensors_index(pkg.weights_path)
     groups: dict[str, list[str]] = {}
     for name in index:
-        key = ".".join(name.split(".")[:2]) if name.startswith("layers.") else name.split(".")[0]
-        groups.setdefault(key, []).append(name)
+        key = key_of(name) if key_of else ".".join(name.split(".")[:2]) if name.startswith("layers.") else name.split(".")[0]
+        if key is not None:
+            groups.setdefault(key, []).append(name)
     parts = []
     for key, names in groups.items():
         stored = q = dq = tq = tdq = 0
@@ -317,6 +321,9 @@ class MemoryPlan:
     min_budget_bytes: int
     terms: list[Term] = field(default_factory=list)
     choices: list[str] = field(default_factory=list)
+    experts_note: str = "MoE experts: none (a dense model)"
+    sparse_note: str = "R-Sparse: off"
+    expert_cache: int = 0  # experts per MoE layer kept resident, the rest read on demand; 0: all resident
 
     @property
     def mlx_bytes(self) -> int:
@@ -328,7 +335,8 @@ class MemoryPlan:
         if self.backend != "mlx":
             return {}
         return dict(dequantize=self.dequantize, max_context=self.context_tokens, kv_dtype=self.kv_dtype,
-                    kv_overflow=self.kv_overflow, resident_layers=self.resident_layers)
+                    kv_overflow=self.kv_overflow, resident_layers=self.resident_layers,
+                    expert_cache=self.expert_cache or None)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -342,7 +350,7 @@ class MemoryPlan:
         for t in self.terms:
             lines.append(f"  {t.name:<{w}}  {fmt_bytes(t.bytes):>10}  {t.note}")
         lines.append(f"  {'total':<{w}}  {fmt_bytes(self.total_bytes):>10}  estimated peak of the process")
-        lines.append("  R-Sparse factors: none (not in this build); MoE experts: none (a dense model)")
+        lines.append(f"  {self.sparse_note}; {self.experts_note}")
         if self.choices:
             lines.append("chose:")
             lines += [f"  - {c}" for c in self.choices]
@@ -356,7 +364,9 @@ class MemoryPlan:
     def refusal(self) -> str:
         return (f"{self.package} does not fit in {fmt_bytes(self.budget_bytes)}: the smallest budget that works is "
                 f"{fmt_bytes(self.min_budget_bytes)} ({self.min_budget_bytes} bytes: quantized weights, fp16 KV cache, "
-                f"{self.context_tokens} tokens of context, every layer read from disk at each step)")
+                f"{self.context_tokens} tokens of context, every layer read from disk at each step)"
+                + ("; ONNX Runtime holds every expert in memory, the expert cache needs --backend mlx"
+                   if self.backend == "onnx" and "per MoE layer" in self.experts_note else ""))
 
 
 def _device_is_cpu(backend: str) -> bool:
@@ -370,7 +380,7 @@ def _device_is_cpu(backend: str) -> bool:
 def plan_memory(package, budget=None, context: int | None = None, backend: str = "mlx", *,
                 dequantize: bool | None = None, kv_dtype: str | None = None, resident_layers: int | None = None,
                 kv_overflow: str = "refuse", prefill_chunk: int = 512, baseline: int | None = None,
-                compute_dtype: str | None = None) -> MemoryPlan:
+                compute_dtype: str | None = None, sparsity_plan=None, expert_cache: int | None = None) -> MemoryPlan:
     """Plans ``package`` (an opened Package) into ``budget`` (bytes, a string such as "1.5GB" or "60%",
     or None for the device default) for ``context`` tokens (None: the model's maximum, which the planner
     may shrink). Options given explicitly are kept; the others are chosen. Raises nothing when it does
@@ -399,6 +409,13 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
     other_parts = [p for p in parts if not p.name.startswith("layers.")]
     if spec.tie_embeddings:
         other_parts = [p for p in other_parts if p.name != "lm_head"]
+    # MoE on MLX: the stacked experts of each layer, which an expert cache keeps only some of in memory.
+    # (ONNX Runtime loads every initializer of the graph, experts included, and its graph routes inside
+    # one session run: nothing can read an expert once routing has picked it, so no cache there.)
+    E, top_k = int(spec.num_experts or 0), int(spec.num_experts_per_tok or 0)
+    expert_parts = {int(p.name): p for p in weight_parts(package, compute_dtype, key_of=_expert_key)} if E else {}
+    if expert_cache is not None and E and not top_k <= int(expert_cache) <= E:
+        raise EdgeInferError(f"the expert cache needs between {top_k} (top-k) and {E} experts per layer, not {expert_cache}")
 
     if backend == "onnx":
         # The graph reads the package's own weights file by offset plus what it derives (model.onnx.data);
@@ -410,9 +427,11 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
         exact_graph = package.manifest.get("onnx", {}).get("accuracy_level", 4) != 4
         onnx_dequant = max((p.dequantized for p in parts), default=0) if exact_graph and quantized_pkg else 0
 
-    def estimate(deq: bool, kvd: str, ctx: int, k: int) -> list[Term]:
+    sparse_terms, sparse_note = _sparse_terms(package, backend, sparsity_plan)
+
+    def estimate(deq: bool, kvd: str, ctx: int, k: int, ecap: int | None = expert_cache) -> list[Term]:
         kvb = DTYPE_BYTES[kvd]
-        terms = [Term("process", baseline, "this process before loading (measured, tokenizer included)")]
+        terms = [Term("process", baseline, "this process before loading (measured, tokenizer included)")] + sparse_terms
         if backend == "onnx":
             terms.append(Term("weights", onnx_weights, "the ONNX graph's weights, as ONNX Runtime loads them"))
             kv, caps = kv_cache_bytes(spec, ctx, 4, ring_sliding=False)
@@ -424,11 +443,17 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
             return terms
         res = [p for p in other_parts] + [layer_parts[i] for i in range(min(k, n))]
         wbytes = sum(p.dequantized if deq else p.quantized for p in res)
+        cached = [expert_parts[i] for i in range(min(k, n)) if i in expert_parts] if ecap and E else []
+        mem_of = (lambda p: p.dequantized) if deq else (lambda p: p.quantized)
+        wbytes -= sum(mem_of(p) - mem_of(p) * ecap // E for p in cached)  # only ``cap`` slots of E are held
         streamed = [layer_parts[i] for i in range(k, n)]
         how = "dequantized to " + compute_dtype if deq and quantized_pkg else ("quantized, as stored" if quantized_pkg else "as stored, in " + compute_dtype)
         terms.append(Term("weights", wbytes, f"{len(res) - len(other_parts)} of {n} layers resident, {how}"
                           f" (file: {fmt_bytes(file_bytes)})"))
-        load = max([(p.transient_dq if deq else p.transient_q) for p in res] or [0])
+        trans = {p.name: (p.transient_dq if deq else p.transient_q) for p in res}
+        for p in cached:  # cached experts are never loaded stacked: read one at a time, below
+            trans[f"layers.{p.name}"] -= p.transient_dq if deq else p.transient_q
+        load = max(trans.values() or [0])
         kv, caps = kv_cache_bytes(spec, ctx, kvb)
         per_token = 2 * spec.num_kv_heads * spec.head_dim * kvb
         nslide = sum(1 for c, t in zip(caps, spec.layer_types) if t == "sliding" and spec.sliding_window)
@@ -443,6 +468,12 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
         grow = 2 * spec.num_kv_heads * spec.head_dim * kvb * cap  # one layer's old buffer while growing
         run = kv + act + grow
         terms.append(Term("kv cache", kv, note))
+        if cached:
+            one = max(cached, key=mem_of)
+            # a miss: one expert's source and conversion, and one projection's slots rewritten
+            miss = ((one.transient_dq if deq else one.transient_q) + one.stored) // E + mem_of(one) * ecap // E // 3
+            terms.append(Term("expert reads", miss, f"{ecap} of {E} experts per layer resident (LRU); a miss reads "
+                              f"{fmt_bytes(one.stored // E)} from {package.weights_path.name}"))
         if streamed:
             span = max(p.stored for p in streamed) + 8192
             layer_mem = max(p.quantized for p in streamed)
@@ -479,6 +510,18 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
                 break
         if found:
             break
+    # 1b. MoE: only some experts per layer resident (most first), the others read from disk when routed to;
+    # before a shorter context or streamed layers, which cost every token, where a cache hit costs nothing
+    ecap = expert_cache
+    if not found and backend == "mlx" and expert_parts and expert_cache is None:
+        for c in range(E - 1, top_k - 1, -1):
+            for deq, kvd in ((d, v) for d in deq_opts for v in kv_opts):
+                t = estimate(deq, kvd, requested, k_all, c)
+                if total(t) <= budget_bytes:
+                    found, ecap = (deq, kvd, requested, k_all, t), c
+                    break
+            if found:
+                break
     # 2. a shorter context, when the user did not ask for one
     if not found and context is None and backend in ("mlx", "onnx"):
         for deq in deq_opts:
@@ -527,6 +570,11 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
         choices.append(f"weight precision: {bits}-bit as stored (the only precision in this package)")
         if kvd != compute_dtype:
             choices.append(f"KV cache in {kvd} instead of {compute_dtype}: half the bytes per token")
+        if ecap and expert_parts:
+            per = max(p.stored for p in expert_parts.values()) // E
+            choices.append(f"{ecap} of {E} experts per MoE layer resident in an LRU cache instead of all {E}: the others are read "
+                           f"from {package.weights_path.name} when routed to, up to {top_k} x {fmt_bytes(per)} per layer a token "
+                           f"(more in a prefill chunk; an expert budget bounds it)")
         if k < n:
             choices.append(f"{k} of {n} layers resident; the other {n - k} are read from {package.weights_path.name} "
                            f"at every step ({fmt_bytes(sum(layer_parts[i].stored for i in range(k, n)))} a token)")
@@ -539,8 +587,10 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
         total_bytes=int(total(terms)), context_tokens=int(ctx), requested_context=requested, fits=fits,
         dequantize=bool(deq), compute_dtype=compute_dtype, kv_dtype=kvd, kv_overflow=kv_overflow,
         resident_layers=int(k), num_layers=n, weight_file_bytes=file_bytes, kv_bytes_per_token=per_tok,
-        bytes_read_per_token=sum(layer_parts[i].stored for i in range(k, n)) if backend == "mlx" else 0,
-        min_budget_bytes=int(smallest), terms=terms, choices=choices,
+        bytes_read_per_token=(sum(layer_parts[i].stored for i in range(k, n))
+                              + sum(top_k * expert_parts[i].stored // E for i in range(k) if ecap and i in expert_parts)) if backend == "mlx" else 0,
+        min_budget_bytes=int(smallest), terms=terms, choices=choices, experts_note=_experts_note(package, ecap if backend == "mlx" else None),
+        sparse_note=sparse_note, expert_cache=int(ecap or 0) if backend == "mlx" else 0,
     )
 
 
@@ -553,13 +603,22 @@ def plan_for_model(package, backend: str, opts: dict) -> tuple[MemoryPlan, dict]
     when it does not fit, and returns the plan and the backend's options."""
     opts = dict(opts)
     mine = {k: opts.pop(k) for k in PLAN_KEYS if k in opts}
-    fixed = {k: opts[k] for k in ("dequantize", "kv_dtype", "resident_layers") if opts.get(k) is not None}
+    fixed = {k: opts[k] for k in ("dequantize", "kv_dtype", "resident_layers", "expert_cache") if opts.get(k) is not None}
     dtype = opts.get("dtype")
     plan = plan_memory(package, budget=mine.get("memory_budget"), context=mine.get("context"), backend=backend,
                        kv_overflow=mine.get("kv_overflow") or "refuse", prefill_chunk=mine.get("prefill_chunk") or 512,
-                       compute_dtype=_dtype_name(dtype), **fixed)
+                       compute_dtype=_dtype_name(dtype), sparsity_plan=opts.get("sparsity_plan"), **fixed)
     if not plan.fits:
-        raise EdgeInferError(plan.refusal())
+        msg = plan.refusal()
+        if backend == "onnx" and plan.expert_cache == 0 and "per MoE layer" in plan.experts_note and "expert_cache" not in fixed:
+            alt = plan_memory(package, budget=mine.get("memory_budget"), context=mine.get("context"), backend="mlx",
+                              kv_overflow=mine.get("kv_overflow") or "refuse", compute_dtype=_dtype_name(dtype))
+            if alt.fits:
+                msg += f" (MLX fits it in {fmt_bytes(alt.total_bytes)}" + (f" with {alt.expert_cache} experts per layer cached)" if alt.expert_cache else ")")
+        raise EdgeInferError(msg)
+    if backend == "onnx" and "expert_cache" in fixed:
+        raise EdgeInferError("an expert cache needs the MLX backend (--backend mlx): ONNX Runtime holds every expert of "
+                             "the graph in memory, and its graph routes and runs the experts in one session run")
     if backend == "onnx" and mine.get("kv_overflow") == "rotate":
         raise EdgeInferError("--kv-overflow rotate needs the MLX backend (--backend mlx); the ONNX backend's cache "
                              "refuses at the planned context")
@@ -573,3 +632,34 @@ def _dtype_name(d) -> str | None:
         return None
     s = str(d).split(".")[-1]
     return s if s in DTYPE_BYTES else None
+
+
+def _expert_key(name: str) -> str | None:
+    """Groups one MoE layer's stacked experts (``layers.{i}.moe.experts.*``) under ``i``."""
+    return name.split(".")[1] if ".moe.experts." in name else None
+
+
+def _experts_note(package, cap: int | None = None) -> str:
+    """MoE models: the stacked experts' share of the stored weights, and how many stay resident."""
+    s = package.spec
+    if not s.num_experts:
+        return "MoE experts: none (a dense model)"
+    index = safetensors_index(package.weights_path)
+    experts = sum(t["end"] - t["start"] for name, t in index.items() if ".moe.experts." in name)
+    total = sum(t["end"] - t["start"] for t in index.values()) or 1
+    return (f"MoE experts: {s.num_experts} per MoE layer, top-{s.num_experts_per_tok}, {fmt_bytes(experts)} stored "
+            f"({experts / total:.0%} of the weights), " + (f"{cap} per layer resident in a cache" if cap else "all resident"))
+
+
+def _sparse_terms(package, backend: str, plan) -> tuple[list[Term], str]:
+    """An R-Sparse level adds its low-rank factors and column norms, and on the ONNX backend the fast
+    decode path's input-major copy of the weights (edgeinfer/sparse/layout.py)."""
+    if plan is None:
+        return [], "R-Sparse: off"
+    factors = sum(sum(int(t.nbytes) for t in (mp.a, mp.b, mp.c) if t is not None) for mp in plan.modules.values())
+    terms = [Term("R-Sparse factors", factors, f"level {plan.level:.2f}: low-rank factors and column norms")]
+    if backend == "onnx":
+        from .sparse.layout import layout_bytes
+
+        terms.append(Term("R-Sparse layout", layout_bytes(package), "input-major weights of the sparse decode steps (mapped)"))
+    return terms, f"R-Sparse: level {plan.level:.2f}, {fmt_bytes(sum(t.bytes for t in terms))}"

@@ -28,6 +28,13 @@ class GenerationStats:
     # Set by an energy meter attached to the model (issue 7); None when no meter measured the answer.
     energy_joules: float | None = None
     energy_source: str = ""  # the meter's kind, e.g. "gpu-nvml", "model-estimate"
+    speculative: object = None  # edgeinfer.speculative.SpecStats of a speculative run
+    # R-Sparse: the share of the seven projections' input channels the decode steps skipped (None: dense,
+    # or a backend that does not count them)
+    realized_sparsity: float | None = None
+    # The MoE expert cache over this answer (edgeinfer/backends/expert_cache.py): hits, misses, bytes read,
+    # tokens and the most experts a layer touched in one step; None when every expert is resident.
+    expert_cache: dict | None = None
 
     @property
     def prefill_tps(self) -> float:
@@ -46,6 +53,10 @@ class GenerationStats:
             f"decode {self.generated_tokens} tok at {self.decode_tps:.1f} tok/s, "
             f"peak memory {self.peak_memory_bytes / 2**20:.0f} MiB"
             + (f", {self.energy_joules:.2f} J ({self.energy_source})" if self.energy_joules is not None else "")
+            + (f"; {self.speculative.line()}" if self.speculative is not None else "")
+            + (f", sparsity {self.realized_sparsity:.1%} of channels skipped" if self.realized_sparsity is not None else "")
+            + (", experts cached {capacity}/{experts} per layer: {hit_rate:.0%} hits, {bytes_per_token:,.0f} B/token read, "
+               "at most {max_touched} experts a layer in one step".format(**self.expert_cache) if self.expert_cache else "")
         )
 
 
@@ -72,6 +83,8 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     prefill_chunk: int = 512
     ignore_eos: bool = False  # benchmarks decode a fixed number of tokens
+    # an edgeinfer.speculative.Speculator; None: the model's own (``Model.speculative``), False: plain decoding
+    speculative: object = None
 
 
 class Model:
@@ -81,12 +94,30 @@ class Model:
         self.tokenizer = Tokenizer(self.package.path, self.package.tokenizer_info)
         from .backends import choose_backend, open_backend
 
+        if backend_opts.get("moe_top_k") is not None:  # refused here, not as a backend load failure
+            from .moe import check_moe
+
+            check_moe(self.spec, None, backend_opts["moe_top_k"])
         self.backend_name = choose_backend(self.package, backend, notice=_notice)
         if backend == "auto" and self.backend_name == "onnx" and backend_opts.get("kv_overflow") == "rotate":
             _notice("a rotating KV cache needs the MLX backend; running on MLX")
             self.backend_name = "mlx"
+        # R-Sparse: ``sparsity`` is a level the package holds a plan for (edgeinfer sparsify); 0/None is dense.
+        self.sparsity = float(backend_opts.pop("sparsity", None) or 0.0)
+        if self.sparsity:
+            backend_opts["sparsity_plan"] = self._sparsity_plan(self.sparsity)
         requested = dict(backend_opts)
-        self.plan, backend_opts = self._plan_memory(backend_opts)
+        try:
+            self.plan, backend_opts = self._plan_memory(backend_opts)
+        except EdgeInferError:
+            # ONNX Runtime holds every expert in memory; only MLX can cache the hot ones when they do not fit
+            if backend != "auto" or self.backend_name != "onnx" or not self.spec.num_experts:
+                raise
+            self.backend_name = "mlx"
+            self.plan, backend_opts = self._plan_memory(dict(requested))
+            cached = getattr(self.plan, "expert_cache", None)
+            _notice("the model does not fit the memory budget on ONNX Runtime, which holds every expert; running on MLX"
+                    + (f" with {cached} experts per layer cached" if cached else ""))
         try:
             self.backend = open_backend(self.package, self.backend_name, notice=_notice, **backend_opts)
         except EdgeInferError as e:
@@ -103,6 +134,7 @@ class Model:
         self.stats = GenerationStats()
         # An energy meter (edgeinfer.energy): ``begin() -> mark``, ``end(mark) -> joules`` and ``source``.
         self.meter = None
+        self.speculative = None  # the default Speculator of generations (edgeinfer.speculative)
 
     def _plan_memory(self, opts: dict):
         """The memory plan (``edgeinfer.memory``) for ``memory_budget``/``context``/``kv_overflow`` in
@@ -126,6 +158,21 @@ class Model:
     def reset(self) -> None:
         self.cache.reset()
         self.cache_tokens = []
+
+    def _sparsity_plan(self, level: float):
+        from .sparse.plan import load_plan
+
+        return load_plan(self.package, level) if level else None
+
+    def set_sparsity(self, level: float | None) -> None:
+        """Switches the R-Sparse level (0 or None: dense) without reloading the weights; the cache is cleared
+        because its keys and values were computed under the old plan."""
+        plan = self._sparsity_plan(float(level or 0.0))
+        if not hasattr(self.backend, "set_sparsity"):
+            raise EdgeInferError(f"the {self.backend_name} backend cannot switch sparsity levels; reload the model")
+        self.backend.set_sparsity(plan)
+        self.sparsity = float(level or 0.0)
+        self.reset()
 
     def _prefill(self, ids: list[int], chunk: int):
         """Brings the cache to hold exactly ``ids``, reusing the longest common prefix already there;
@@ -164,6 +211,9 @@ class Model:
         if hasattr(mx, "reset_peak_memory"):
             mx.reset_peak_memory()
         mark = self.meter.begin() if self.meter is not None else None
+        counted = getattr(self.backend, "sparse_counts", None)  # (active, total) channels so far, or None
+        sparse0 = counted() if counted else None
+        ec0 = getattr(self.backend, "expert_cache_stats", None)
         last, st.reused_tokens = self._prefill(ids, config.prefill_chunk)
         history = list(ids)
         y = sampler(last, history)
@@ -173,7 +223,11 @@ class Model:
         room = config.max_tokens if rotating else self.cache.max_tokens - self.cache.offset
         budget = min(config.max_tokens, room)
         st.finish_reason = "length"
+        spec = self.speculative if config.speculative is None else config.speculative
         try:
+            if spec:
+                yield from spec.decode(self, y, history, budget, config, st)
+                return
             for n in range(budget):
                 tok = y.item()
                 if tok in self.tokenizer.eos_token_ids and not config.ignore_eos:
@@ -197,6 +251,15 @@ class Model:
             st.peak_memory_bytes = max(mem, peak_rss_bytes())
             if self.meter is not None:
                 st.energy_joules, st.energy_source = self.meter.end(mark), self.meter.source
+            sparse1 = counted() if counted else None
+            ec1 = getattr(self.backend, "expert_cache_stats", None)
+            if ec0 and ec1:  # this answer's share of the cache's counters
+                d = {k: ec1[k] - ec0[k] for k in ("hits", "misses", "bytes_read", "tokens")}
+                n = d["hits"] + d["misses"]
+                st.expert_cache = {**ec1, **d, "hit_rate": d["hits"] / n if n else 0.0,
+                                   "bytes_per_token": d["bytes_read"] / d["tokens"] if d["tokens"] else 0.0}
+            if sparse0 is not None and sparse1 is not None and sparse1[1] > sparse0[1]:
+                st.realized_sparsity = 1.0 - (sparse1[0] - sparse0[0]) / (sparse1[1] - sparse0[1])
 
     def stream_text(self, ids: list[int], config: GenerationConfig) -> Iterator[str]:
         """Yields text deltas; honours stop strings (the text before the first stop string is kept)."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import EdgeInferError
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 # HF model_type -> our arch name.
 _HF_MODEL_TYPES = {
@@ -26,6 +26,10 @@ _HF_MODEL_TYPES = {
     "qwen3": "qwen3",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+    "olmoe": "olmoe",
 }
 
 
@@ -57,6 +61,21 @@ class ArchSpec:
     layer_types: list[str] = field(default_factory=list)  # "full" or "sliding" per layer
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); num_experts 0 is a dense model. Every
+    # supported router takes the softmax over all experts, then the top k, renormalized over those k
+    # when norm_topk_prob (Mixtral's top-k-then-softmax is the same thing).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_size: int = 0  # Qwen2-MoE: a dense expert every token takes, scaled by sigmoid(x . w)
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 and i is not in mlp_only_layers
+    mlp_only_layers: list[int] = field(default_factory=list)
+    qk_norm_full: bool = False  # OLMoE: q/k RMSNorm over the whole projection, not per head
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % max(1, self.decoder_sparse_step) == 0)
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
@@ -72,6 +91,8 @@ class ArchSpec:
             raise EdgeInferError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.mlp_act not in ("silu", "gelu_tanh"):
             raise EdgeInferError(f"unsupported MLP activation {self.mlp_act!r}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise EdgeInferError(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..{self.num_experts}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,18 +253,23 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> ArchSpec:
     )
     if arch == "qwen2":
         spec["attention_bias"] = True
-    elif arch in ("llama", "mistral", "qwen3"):
+    elif arch == "qwen2_moe":
+        spec["attention_bias"] = bool(cfg.get("qkv_bias", True))
+    elif arch in ("llama", "mistral", "qwen3", "mixtral", "qwen3_moe", "olmoe"):
         spec["attention_bias"] = bool(cfg.get("attention_bias", False))
+    if arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        _moe_from_hf(cfg, arch, spec, where)
     window = cfg.get("sliding_window")
-    if arch == "qwen2" or arch == "qwen3":
+    if arch in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         # Qwen configs carry a sliding_window that is off unless use_sliding_window is set.
         if not cfg.get("use_sliding_window", False):
             window = None
         elif cfg.get("max_window_layers") is not None:
             mwl = int(cfg["max_window_layers"])
             spec["layer_types"] = ["full" if i < mwl else "sliding" for i in range(n_layers)]
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe", "olmoe"):
         spec["qk_norm"] = True
+        spec["qk_norm_full"] = arch == "olmoe"
     if arch == "gemma3":
         spec["qk_norm"] = True
         spec["sandwich_norm"] = True
@@ -263,3 +289,19 @@ def spec_from_hf_config(cfg: dict, where: str = "config.json") -> ArchSpec:
     if spec["sliding_window"] is None and "sliding" in spec.get("layer_types", []):
         spec["layer_types"] = ["full"] * n_layers
     return ArchSpec(**spec)
+
+
+def _moe_from_hf(cfg: dict, arch: str, spec: dict, where: str) -> None:
+    experts = cfg.get("num_local_experts") if arch == "mixtral" else cfg.get("num_experts")
+    spec["num_experts"] = int(experts or cfg.get("num_local_experts") or 0)
+    if spec["num_experts"] < 1:
+        raise EdgeInferError(f"{where}: a {arch} model needs num_experts >= 1")
+    spec["num_experts_per_tok"] = int(_require(cfg, "num_experts_per_tok", where))
+    # Mixtral's experts are as wide as its intermediate_size; the others name their width.
+    spec["moe_intermediate_size"] = int(cfg.get("moe_intermediate_size") or spec["intermediate_size"])
+    spec["norm_topk_prob"] = True if arch == "mixtral" else bool(cfg.get("norm_topk_prob", False))
+    if arch == "qwen2_moe":
+        spec["shared_expert_size"] = int(cfg.get("shared_expert_intermediate_size") or 0)
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        spec["decoder_sparse_step"] = int(cfg.get("decoder_sparse_step") or 1)
+        spec["mlp_only_layers"] = [int(i) for i in cfg.get("mlp_only_layers") or []]

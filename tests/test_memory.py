@@ -252,3 +252,22 @@ def test_plan_on_every_model(backend, tiny_package):
     assert p.backend == backend
     assert p.budget_bytes > 0 and p.total_bytes <= p.budget_bytes and p.context_tokens == m.cache.max_tokens
     assert "memory plan" in p.explain()
+
+
+TINY_MOE = ROOT / "models" / "tiny-moe-q4"
+
+
+@pytest.mark.skipif(not (TINY_MOE / "model.safetensors").exists(), reason="models/tiny-moe-q4 is built by models/tiny-moe/assemble.py")
+def test_estimate_within_10_percent_expert_cache():
+    """The trained MoE under a budget between the all-resident estimate and a 3-expert cache's: the plan
+    keeps only some experts per layer resident, and the run stays within the budget and 10% of the estimate."""
+    pkg = open_package(TINY_MOE)
+    d0 = measure(TINY_MOE, "mlx", "--budget", "4GB", "--context", 256, "--dequantize", "no")
+    est = lambda **kw: plan_memory(pkg, "4GB", context=256, dequantize=False, baseline=0, **kw).total_bytes
+    baseline = d0["estimate"] - est()  # the fresh process's own baseline, as its plan measured it
+    budget = baseline + (est(expert_cache=3) + min(est(), est(kv_dtype="float16"))) // 2
+    plan = plan_memory(pkg, budget, context=256, dequantize=False, baseline=baseline)
+    assert plan.fits and 3 <= plan.expert_cache < 8, plan.explain()
+    d = measure(TINY_MOE, "mlx", "--budget", budget, "--context", 256, "--dequantize", "no")
+    assert d["estimate"] <= budget and abs(d["estimate"] - d["peak_rss"]) <= 0.10 * d["peak_rss"], d
+    assert d["peak_rss"] <= d["budget"], d

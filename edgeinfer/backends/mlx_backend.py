@@ -15,7 +15,10 @@ import numpy as np
 
 from ..errors import EdgeInferError
 from ..package import Package
+from ..moe import check_moe, no_budget
 from ..spec import ArchSpec, rope_inv_freq, yarn_mscale
+from .mlx_moe import MoEBlock
+from ..sparse.plan import PROJECTIONS
 
 
 def rope_freqs(spec: ArchSpec, layer: int) -> tuple[float | None, float, mx.array | None]:
@@ -51,16 +54,51 @@ class Linear:
                 self.quant = (scales.astype(sdt), biases.astype(sdt), group, bits)
         else:
             self.w = w.astype(dtype)
+        # R-Sparse (edgeinfer/sparse/plan.py): (t, c, A, B) or None; applied to one-token steps, or to every
+        # position with ``sparse_all`` (perplexity, the calibration search: each token sparsified alone).
+        self.sparse = None
+        self.sparse_all = False
+        # Calibration hook (converters/sparsify.py): called with every input x before the product.
+        self.observe = None
+
+    def set_sparse(self, mp, dtype) -> None:
+        """Attaches one projection's plan (a ``ModulePlan``), or None for the dense product."""
+        if mp is None:
+            self.sparse = None
+            return
+        c = None if mp.c is None else mx.array(mp.c).astype(dtype)
+        a = None if mp.a is None else mx.array(mp.a).astype(dtype)
+        b = None if mp.b is None else mx.array(mp.b).astype(dtype)
+        self.sparse = (mx.array(mp.t, dtype=mx.float32), c, a, b)
 
     def arrays(self) -> list[mx.array]:
-        return [self.w] + ([self.bias] if self.bias is not None else []) + (list(self.quant[:2]) if self.quant else [])
+        sparse = [t for t in (self.sparse or ())[1:] if t is not None]
+        return [self.w] + ([self.bias] if self.bias is not None else []) + (list(self.quant[:2]) if self.quant else []) + sparse
+
+    def _product(self, x: mx.array) -> mx.array:
+        if self.quant is None:
+            return x @ self.w.T
+        s, b, g, bits = self.quant
+        return mx.quantized_matmul(x, self.w, s, b, transpose=True, group_size=g, bits=bits).astype(x.dtype)
+
+    def _sparse_product(self, x: mx.array) -> mx.array:
+        """W[:, S] x_S + B (A x_notS) as masked products: portable MLX (Metal or CPU), the same arithmetic as
+        the formula; the fast kernels that skip the unread columns are the ONNX backend's."""
+        t, c, a, b = self.sparse
+        score = mx.abs(x) if c is None else mx.abs(x) * c
+        keep = mx.where(score.astype(mx.float32) > t, x, mx.zeros_like(x))
+        y = self._product(keep)
+        if a is not None:
+            y = y + ((x - keep) @ a.T) @ b.T
+        return y
 
     def __call__(self, x: mx.array) -> mx.array:
-        if self.quant is None:
-            y = x @ self.w.T
+        if self.observe is not None:
+            self.observe(x)
+        if self.sparse is not None and (self.sparse_all or x.shape[-2] == 1):
+            y = self._sparse_product(x)
         else:
-            s, b, g, bits = self.quant
-            y = mx.quantized_matmul(x, self.w, s, b, transpose=True, group_size=g, bits=bits).astype(x.dtype)
+            y = self._product(x)
         return y if self.bias is None else y + self.bias
 
     def rows(self, ids: mx.array) -> mx.array:
@@ -79,9 +117,9 @@ class Layer:
     v: Linear
     o: Linear
     mlp_norm: mx.array
-    gate: Linear
-    up: Linear
-    down: Linear
+    gate: Linear | None  # None in an MoE layer
+    up: Linear | None
+    down: Linear | None
     q_norm: mx.array | None = None
     k_norm: mx.array | None = None
     post_attn_norm: mx.array | None = None
@@ -90,6 +128,7 @@ class Layer:
     rope_base: float | None = None
     rope_scale: float = 1.0
     rope_freqs: mx.array | None = None
+    moe: MoEBlock | None = None
 
 
 class KVCache:
@@ -235,6 +274,23 @@ class KVCache:
         self.offset = n
         return n
 
+    def compact(self, start: int, picks) -> int:
+        """Keeps the positions ``start + picks[j]`` (a tree's accepted path) at ``start + j`` and drops the
+        rest after them; returns how many positions are kept, as ``trim_to`` does."""
+        picks = np.asarray(picks, np.int64)
+        moved = np.nonzero(picks != np.arange(len(picks)))[0]
+        if len(moved):
+            for g in (0, 1):
+                cap = len(self.slot_pos[g])
+                if not cap or not self.layers_of(g):
+                    continue
+                src = mx.array(((start + picks[moved]) % cap).astype(np.int32))
+                dst = mx.array(((start + moved) % cap).astype(np.int32))
+                for i in self.layers_of(g):
+                    self.keys[i][:, :, dst, :] = self.keys[i][:, :, src, :]
+                    self.values[i][:, :, dst, :] = self.values[i][:, :, src, :]
+        return self.trim_to(start + len(picks))
+
     def reset(self) -> None:
         self.trim_to(0)
 
@@ -264,14 +320,23 @@ class MLXModel:
     "refuse" (an error) or "rotate" (keep the last ``max_context`` tokens); ``resident_layers``: keep the
     first k decoder layers in memory and read the others from the package file at every step
     (``stream_io``: "direct" reads with O_DIRECT, never through the page cache; "cached" plain reads).
+    ``sparsity_plan``: an R-Sparse plan (``edgeinfer.sparse.plan.SparsePlan``) or None; ``sparsity_mode``:
+    "decode" (one-token steps sparse, prefill dense) or "all" (every position, each token on its own).
+    ``expert_cache``: MoE models, experts per layer kept resident (None: all), the others read from the
+    package file when routed to; ``expert_policy``: which to evict, "lru" or "lfu" (expert_cache.py).
     """
 
     backend = "mlx"
 
     def __init__(self, pkg: Package, dtype=None, dequantize: bool | None = None, max_context: int | None = None,
                  kv_dtype=None, kv_overflow: str = "refuse", resident_layers: int | None = None,
-                 stream_io: str = "direct"):
+                 stream_io: str = "direct", sparsity_plan=None, sparsity_mode: str = "decode",
+                 moe_top_k: int | None = None, expert_cache: int | None = None, expert_policy: str = "lru"):
         self.spec = spec = pkg.spec
+        check_moe(spec, None, moe_top_k)
+        # "dial k": the experts each token takes, a static shape of the compiled graphs
+        self.moe_top_k = int(moe_top_k or spec.num_experts_per_tok)
+        self._moe_stats: list = []
         self.dtype = dtype or default_device_dtype(spec)
         self.kv_dtype = _as_dtype(kv_dtype) or self.dtype
         # MLX's quantized kernels are slow on its CPU backend; float weights with OpenBLAS are not.
@@ -284,6 +349,8 @@ class MLXModel:
         self.kv_overflow = kv_overflow
         n = spec.num_layers
         self.resident_layers = n if resident_layers is None else max(0, min(int(resident_layers), n))
+        self._check_sparsity_mode(sparsity_mode)
+        self.sparsity_plan, self.sparsity_mode = sparsity_plan, sparsity_mode
         try:
             w = mx.load(str(pkg.weights_path))
         except Exception as e:  # MLX raises RuntimeError/ValueError with its own wording
@@ -305,6 +372,16 @@ class MLXModel:
         self.embed = take("embed.", lambda p: self._lin(p, "embed", dequantize))
         self.lm_head = self.embed if spec.tie_embeddings else take("lm_head.", lambda p: self._lin(p, "lm_head", dequantize))
         self.norm = take("norm.", lambda p: p["norm.weight"].astype(self.dtype))
+        # ``expert_cache``: experts per MoE layer kept resident (None: all); the others are read from the
+        # package file when routed to (edgeinfer/backends/expert_cache.py). Resident layers only: a streamed
+        # layer reads all of its weights anyway.
+        self.expert_cache = None
+        if expert_cache is not None and spec.num_experts:
+            from .expert_cache import ExpertCache
+
+            moe_layers = [i for i in range(self.resident_layers) if spec.is_moe_layer(i)]
+            self.expert_cache = ExpertCache(pkg, spec, moe_layers, expert_cache, expert_policy, dequantize, self.dtype,
+                                            self._qparams, self.moe_top_k)
         self.layers: list[Layer | None] = []
         for i in range(n):
             if i < self.resident_layers:
@@ -320,10 +397,37 @@ class MLXModel:
         self._group_of = layer_groups(spec)
         self._decode = mx.compile(self._decode_step)
 
+    @property
+    def moe_stats(self) -> list[dict]:
+        """Per MoE layer of the last forward: distinct experts its tokens requested (their own top-k), distinct
+        experts run after the budget, and the share of the requested routing mass kept. A one-token forward
+        (the compiled decode step, never budgeted) requests and keeps its top-k."""
+        s = self.spec
+        layers = [i for i in range(s.num_layers) if s.is_moe_layer(i)]
+        if not self._moe_stats:
+            return [dict(layer=i, requested=self.moe_top_k, kept=self.moe_top_k, mass_kept=1.0) for i in layers]
+        arr = np.array(mx.stack(self._moe_stats))
+        return [dict(layer=i, requested=int(r), kept=int(k), mass_kept=float(m)) for i, (r, k, m) in zip(layers, arr)]
+
+    def set_moe_top_k(self, k: int | None) -> None:
+        """Changes the experts per token for every later forward (None: the model's own)."""
+        check_moe(self.spec, None, k)
+        self.moe_top_k = int(k or self.spec.num_experts_per_tok)
+        self._decode = mx.compile(self._decode_step)  # k is a shape of the traced step
+
     def _lin(self, weights: dict, name: str, dequantize: bool) -> "Linear":
         per_tensor = self._quant.get("tensors", {})
         q = per_tensor.get(name, self._quant)
         return Linear(weights, name, (q.get("bits"), q.get("group_size")), dequantize, self.dtype)
+
+    def _qparams(self, name: str) -> tuple:
+        q = self._quant.get("tensors", {}).get(name, self._quant)
+        return q.get("bits"), q.get("group_size")
+
+    @property
+    def expert_cache_stats(self) -> dict | None:
+        """The expert cache's counters (hits, misses, bytes read, resident bytes...), None when all experts are resident."""
+        return self.expert_cache.stats() if self.expert_cache is not None else None
 
     def _make_layer(self, i: int, w: dict, dequantize: bool) -> Layer:
         spec = self.spec
@@ -334,16 +438,22 @@ class MLXModel:
             return None if t is None else t.astype(self.dtype)
 
         base, scale, freqs = rope_freqs(spec, i)
-        return Layer(
+        moe = None
+        if spec.is_moe_layer(i):
+            ec = self.expert_cache if self.expert_cache is not None and i in self.expert_cache.policies else None
+            moe = MoEBlock(w, p, spec, self._qparams, dequantize, self.dtype, lambda ws, n: self._lin(ws, n, dequantize),
+                           cache=ec, layer=i)
+        dense = None if moe else (lambda n: self._lin(w, f"{p}.mlp.{n}", dequantize))
+        layer = Layer(
             attn_norm=norm(f"{p}.attn_norm.weight"),
             q=self._lin(w, f"{p}.attn.q_proj", dequantize),
             k=self._lin(w, f"{p}.attn.k_proj", dequantize),
             v=self._lin(w, f"{p}.attn.v_proj", dequantize),
             o=self._lin(w, f"{p}.attn.o_proj", dequantize),
             mlp_norm=norm(f"{p}.mlp_norm.weight"),
-            gate=self._lin(w, f"{p}.mlp.gate_proj", dequantize),
-            up=self._lin(w, f"{p}.mlp.up_proj", dequantize),
-            down=self._lin(w, f"{p}.mlp.down_proj", dequantize),
+            gate=dense and dense("gate_proj"),
+            up=dense and dense("up_proj"),
+            down=dense and dense("down_proj"),
             q_norm=norm(f"{p}.attn.q_norm.weight"),
             k_norm=norm(f"{p}.attn.k_norm.weight"),
             post_attn_norm=norm(f"{p}.post_attn_norm.weight"),
@@ -352,7 +462,36 @@ class MLXModel:
             rope_base=base,
             rope_scale=scale,
             rope_freqs=freqs,
+            moe=moe,
         )
+        self._attach_sparsity(i, layer)
+        return layer
+
+    @staticmethod
+    def _check_sparsity_mode(mode: str) -> None:
+        if mode not in ("decode", "all"):
+            raise EdgeInferError(f"sparsity mode must be decode or all, not {mode!r}")
+
+    def _attach_sparsity(self, i: int, layer: Layer) -> None:
+        plan = self.sparsity_plan
+        for p in PROJECTIONS:
+            lin = getattr(layer, p)
+            if lin is None:  # an MoE layer's experts
+                continue
+            lin.set_sparse(plan.module(i, p) if plan is not None else None, self.dtype)
+            lin.sparse_all = self.sparsity_mode == "all"
+
+    def set_sparsity(self, plan, mode: str | None = None) -> None:
+        """Switches the R-Sparse plan (None: dense) and/or the mode without reloading the weights."""
+        mode = mode or self.sparsity_mode
+        self._check_sparsity_mode(mode)
+        self.sparsity_plan, self.sparsity_mode = plan, mode
+        for i, ly in enumerate(self.layers):
+            if ly is not None:
+                self._attach_sparsity(i, ly)
+                mx.eval(_arrays_of(ly))
+        # The compiled step captured the old plan's arrays as constants: trace it again.
+        self._decode = mx.compile(self._decode_step)
 
     def _all_arrays(self) -> list[mx.array]:
         out = self.embed.arrays() + ([] if self.lm_head is self.embed else self.lm_head.arrays()) + [self.norm]
@@ -364,7 +503,7 @@ class MLXModel:
     @property
     def nbytes(self) -> int:
         """Bytes of the resident weights."""
-        return sum(a.nbytes for a in self._all_arrays())
+        return sum(a.nbytes for a in self._all_arrays()) + (self.expert_cache.resident_bytes if self.expert_cache else 0)
 
     @property
     def bytes_read(self) -> int:
@@ -391,20 +530,25 @@ class MLXModel:
             logits = mx.tanh(logits / c) * c
         return logits
 
-    def _block(self, ly: Layer, x: mx.array, pos, kc: mx.array, vc: mx.array, attend):
-        """One decoder layer; ``attend(q, k, v, kc, vc) -> (o, kc, vc)`` writes the cache and attends."""
+    def _block(self, ly: Layer, x: mx.array, pos, kc: mx.array, vc: mx.array, attend, moe_ctrl=None, moe_stats=None):
+        """One decoder layer; ``attend(q, k, v, kc, vc) -> (o, kc, vc)`` writes the cache and attends.
+        ``moe_ctrl``: an MoE layer's expert budget as an array (see edgeinfer/moe.py), None for none;
+        ``moe_stats``: a list that gets an MoE layer's [requested, kept, mass kept]."""
         s = self.spec
         L = x.shape[1]
         h = mx.fast.rms_norm(x, ly.attn_norm, s.rms_norm_eps)
-        q = ly.q(h).reshape(1, L, s.num_heads, s.head_dim)
-        k = ly.k(h).reshape(1, L, s.num_kv_heads, s.head_dim)
+        q, k = ly.q(h), ly.k(h)
+        if s.qk_norm_full:  # OLMoE normalizes the whole projection
+            q = mx.fast.rms_norm(q, ly.q_norm, s.rms_norm_eps)
+            k = mx.fast.rms_norm(k, ly.k_norm, s.rms_norm_eps)
+        q = q.reshape(1, L, s.num_heads, s.head_dim)
+        k = k.reshape(1, L, s.num_kv_heads, s.head_dim)
         v = ly.v(h).reshape(1, L, s.num_kv_heads, s.head_dim)
-        if ly.q_norm is not None:
+        if ly.q_norm is not None and not s.qk_norm_full:
             q = mx.fast.rms_norm(q, ly.q_norm, s.rms_norm_eps)
             k = mx.fast.rms_norm(k, ly.k_norm, s.rms_norm_eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        q = mx.fast.rope(q, s.head_dim, traditional=False, base=ly.rope_base, scale=ly.rope_scale, offset=pos, freqs=ly.rope_freqs)
-        k = mx.fast.rope(k, s.head_dim, traditional=False, base=ly.rope_base, scale=ly.rope_scale, offset=pos, freqs=ly.rope_freqs)
+        q, k = (_rope(t, s.head_dim, ly, pos) for t in (q, k))
         if self._mscale != 1.0:
             q, k = q * self._mscale, k * self._mscale
         o, kc, vc = attend(q, k.astype(self.kv_dtype), v.astype(self.kv_dtype), kc, vc)
@@ -413,9 +557,15 @@ class MLXModel:
             o = mx.fast.rms_norm(o, ly.post_attn_norm, s.rms_norm_eps)
         x = x + o
         h = mx.fast.rms_norm(x, ly.mlp_norm, s.rms_norm_eps)
-        g = ly.gate(h)
-        g = g * mx.sigmoid(g) if s.mlp_act == "silu" else _gelu_tanh(g)
-        m = ly.down(g * ly.up(h))
+        if ly.moe is not None:
+            ctrl = moe_ctrl if moe_ctrl is not None else mx.array(no_budget(s), dtype=mx.float32)
+            m, st = ly.moe.compiled(self.moe_top_k)(h, ctrl)
+            if moe_stats is not None:
+                moe_stats.append(st)
+        else:
+            g = ly.gate(h)
+            g = g * mx.sigmoid(g) if s.mlp_act == "silu" else _gelu_tanh(g)
+            m = ly.down(g * ly.up(h))
         if ly.post_mlp_norm is not None:
             m = mx.fast.rms_norm(m, ly.post_mlp_norm, s.rms_norm_eps)
         return x + m, kc, vc
@@ -449,13 +599,15 @@ class MLXModel:
             new_v.append(vc)
         return self._head(x), new_k, new_v
 
-    def _chunk_attend(self, off: int, L: int, w: dict):
+    def _chunk_attend(self, off: int, L: int, w: dict, tree=None):
         """Attention for a chunk of L tokens at position ``off`` against one group's cache (see
-        ``KVCache.plan_write``)."""
+        ``KVCache.plan_write``); ``tree``: (positions, visible) as ``forward`` takes them."""
         qpos = mx.arange(off, off + L, dtype=mx.int32)[:, None]
         win = w["window"]
 
         def mask_for(kp):
+            if tree is not None:
+                return mx.array(_tree_mask(np.asarray(kp), off + L, tree[0], tree[1], win))
             kp = kp[None, :]
             m = (kp >= 0) & (kp <= qpos)
             return m if win is None else m & (kp > qpos - win)
@@ -483,24 +635,36 @@ class MLXModel:
 
         return attend
 
-    def forward(self, tokens, cache: KVCache, lazy: bool = False, last_only: bool = False) -> mx.array:
+    def forward(self, tokens, cache: KVCache, lazy: bool = False, last_only: bool = False,
+                positions=None, visible=None, expert_budget=None) -> mx.array:
         """Runs ``tokens`` (a list of ids or a [1, L] array) after the cached context and returns the
         logits [1, L, vocab] ([1, 1, vocab] with ``last_only``). Advances the cache. One token takes the
-        compiled path when every layer is resident."""
+        compiled path when every layer is resident.
+
+        Tree attention (speculative decoding): ``positions`` [L] are the tokens' positions (siblings
+        share one), ``visible`` [L, K] bool says which of the last K cached positions after this write
+        (the speculated tokens, in the order written) each token sees; older positions are context.
+
+        ``expert_budget``: an ``edgeinfer.moe.ExpertBudget`` capping the distinct experts of this forward per
+        MoE layer (verification of a draft); statistics land in ``moe_stats``."""
+        ctrl = None if expert_budget is None else mx.array(expert_budget.controls(self.spec, self.moe_top_k), dtype=mx.float32)
+        stats = [] if self.spec.num_experts else None
         if not isinstance(tokens, mx.array):
             tokens = mx.array(np.asarray(tokens, dtype=np.int32).reshape(1, -1))
         L = tokens.shape[1]
         cache.reserve(L)
         writes = cache.plan_write(L)
         off = cache.offset
-        if L == 1 and self.streamer is None:
+        tree = None if positions is None else (np.asarray(positions, np.int64), np.asarray(visible, bool))
+        if L == 1 and self.streamer is None and tree is None and self.expert_cache is None:
             kpos = [mx.array(w["after"].astype(np.int32)) if w else mx.zeros((1,), mx.int32) for w in writes]
             windows = mx.array([w["window"] if w and w["window"] else 1 << 30 for w in writes], dtype=mx.int32)
             logits, cache.keys, cache.values = self._decode(
                 tokens, mx.array(off, dtype=mx.int32), cache.keys, cache.values, kpos, windows
             )
         else:
-            attends = [self._chunk_attend(off, L, w) if w else None for w in writes]
+            attends = [self._chunk_attend(off, L, w, tree) if w else None for w in writes]
+            pos = off if tree is None else mx.array(tree[0].astype(np.int32))
             x = self._embed(tokens)
             keys, values = list(cache.keys), list(cache.values)
             for i in range(self.spec.num_layers):
@@ -508,7 +672,8 @@ class MLXModel:
                 streamed = ly is None
                 if streamed:
                     ly = self.streamer.layer(i, self)
-                x, keys[i], values[i] = self._block(ly, x, off, keys[i], values[i], attends[cache.group_of[i]])
+                x, keys[i], values[i] = self._block(ly, x, pos, keys[i], values[i], attends[cache.group_of[i]],
+                                                    moe_ctrl=ctrl, moe_stats=stats)
                 if streamed:  # bounded memory: one streamed layer's weights at a time
                     mx.eval(x, keys[i], values[i])
                     del ly
@@ -517,6 +682,7 @@ class MLXModel:
             logits = self._head(x)
             cache.keys, cache.values = keys, values
         cache.commit(L, writes)
+        self._moe_stats = stats or []
         if not lazy:
             mx.eval(logits, cache.keys, cache.values)
         return logits
@@ -538,7 +704,7 @@ def _arrays_of(obj) -> list[mx.array]:
         return obj.arrays()
     out = []
     for v in vars(obj).values():
-        if isinstance(v, Linear):
+        if isinstance(v, (Linear, MoEBlock)):
             out += v.arrays()
         elif isinstance(v, mx.array):
             out.append(v)
@@ -627,6 +793,30 @@ class LayerStreamer:
         nxt = self.order[(self.order.index(i) + 1) % len(self.order)]
         self.pending = (nxt, self.pool.submit(self._read, nxt))
         return model._make_layer(i, arrays, dequantize=False)
+
+
+def _tree_mask(kp: np.ndarray, end: int, positions: np.ndarray, visible: np.ndarray, win: int | None) -> np.ndarray:
+    """[L, keys] attention mask of a chunk whose queries sit at ``positions``: the last ``visible.shape[1]``
+    positions before ``end`` (the speculated tokens, written in chunk order) are seen where ``visible``
+    says; older keys as usual, the window counted from the query's own position."""
+    base = end - visible.shape[1]
+    q = np.asarray(positions)[:, None]
+    old = (kp >= 0) & (kp < base)
+    m = old[None, :] & ((kp[None, :] > q - win) if win is not None else True)
+    spec = (kp >= base) & (kp < end)
+    cols = np.clip(kp - base, 0, visible.shape[1] - 1)
+    return m | (spec[None, :] & visible[:, cols])
+
+
+def _rope(x: mx.array, dims: int, ly: Layer, pos) -> mx.array:
+    """mx.fast.rope from position ``pos`` on; ``pos`` may also be a vector with one position per token
+    (tree verification, where siblings share a position): mx.fast.rope takes one offset per batch
+    entry, so the tokens go on the batch axis for the call."""
+    if isinstance(pos, mx.array) and pos.ndim == 1:
+        x = x.transpose(2, 1, 0, 3)
+        return mx.fast.rope(x, dims, traditional=False, base=ly.rope_base, scale=ly.rope_scale, offset=pos,
+                            freqs=ly.rope_freqs).transpose(2, 1, 0, 3)
+    return mx.fast.rope(x, dims, traditional=False, base=ly.rope_base, scale=ly.rope_scale, offset=pos, freqs=ly.rope_freqs)
 
 
 def _softcapped_attention(q, k, v, scale, mask, cap, groups):

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import EdgeInferError
 from ..package import Package
+from ..moe import check_moe, no_budget
 from ..spec import rope_tables
 
 ONNX_FILE = "model.onnx"
@@ -54,8 +55,11 @@ class ONNXCache:
         cap = min(((need + self.step - 1) // self.step) * self.step, self.max_tokens)
         s = self.spec
         shape = (1, s.num_kv_heads, cap, s.head_dim)
-        new_k = [np.zeros(shape, np.float32) for _ in range(s.num_layers)]
-        new_v = [np.zeros(shape, np.float32) for _ in range(s.num_layers)]
+        # one block per kind, each layer's buffer a view of it: the sparse decode engine
+        # (edgeinfer.sparse) reads and writes all layers through the block in one call
+        self.k_block = np.zeros((s.num_layers,) + shape, np.float32)
+        self.v_block = np.zeros((s.num_layers,) + shape, np.float32)
+        new_k, new_v = list(self.k_block), list(self.v_block)
         for old, new in zip(self.keys + self.values, new_k + new_v):
             new[:, :, : self.offset] = old[:, :, : self.offset]
         self.keys, self.values = new_k, new_v
@@ -71,6 +75,18 @@ class ONNXCache:
     def trim_to(self, n: int) -> None:
         self.offset = max(0, min(n, self.offset))
 
+    def compact(self, start: int, picks) -> int:
+        """Keeps the positions ``start + picks[j]`` (a tree's accepted path) at ``start + j`` and drops the
+        rest after them; returns how many positions are kept."""
+        picks = np.asarray(picks, np.int64)
+        moved = np.nonzero(picks != np.arange(len(picks)))[0]
+        if len(moved):
+            src, dst = start + picks[moved], start + moved
+            for buf in self.keys + self.values:  # in place: the OrtValues borrow these buffers
+                buf[:, :, dst] = buf[:, :, src]
+        self.trim_to(start + len(picks))
+        return self.offset
+
     def reset(self) -> None:
         self.offset = 0
 
@@ -81,7 +97,7 @@ class ONNXModel:
     backend = "onnx"
 
     def __init__(self, pkg: Package, threads: int | None = None, providers: list[str] | None = None,
-                 graph: Path | None = None):
+                 graph: Path | None = None, moe_top_k: int | None = None, sparsity_plan=None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -119,15 +135,79 @@ class ONNXModel:
         self._ov = ort.OrtValue.ortvalue_from_numpy
         self._bound_cache = None
         self.providers = self.session.get_providers()
+        # Tree attention (speculative decoding): graphs exported since it exist take per-token position
+        # offsets and an attention bias over the speculated tokens; zeros make a plain causal chunk.
+        self.tree_inputs = {"position_delta", "tree_bias"} <= names
+        self._tree_bound = self.tree_inputs  # the zeros are bound at the first plain call
+        # MoE graphs take the expert budget and top-k as inputs and return per-layer stats (edgeinfer/moe.py)
+        check_moe(self.spec, None, moe_top_k)
+        self.moe_top_k = int(moe_top_k or self.spec.num_experts_per_tok)
+        self.moe_stats: list[dict] = []
+        # R-Sparse (edgeinfer/sparse): one-token steps under a plan run the numba engine on the same KV
+        # buffers; prefill stays this graph, dense. No plan: exactly the dense graph.
+        self.pkg = pkg
+        self.sparse_engine = None
+        self.sparsity_plan = None
+        self.set_sparsity(sparsity_plan)
+
+    def set_sparsity(self, plan, mode: str | None = None) -> None:
+        """Switches the R-Sparse plan (None: dense). Only decode steps are sparse on this backend."""
+        if mode not in (None, "decode"):
+            raise EdgeInferError(f"the ONNX backend runs sparsity on decode steps only, not in mode {mode!r}; use --backend mlx")
+        if plan is not None and self.sparse_engine is None:
+            from ..sparse.engine import SparseEngine
+
+            self.sparse_engine = SparseEngine(self.pkg, plan, threads=self.threads)
+        elif self.sparse_engine is not None:
+            self.sparse_engine.set_plan(plan)
+        self.sparsity_plan = plan
+
+    def sparse_counts(self) -> tuple[int, int] | None:
+        """(active, total) input channels of the sparse decode steps so far; None without a plan."""
+        if self.sparsity_plan is None:
+            return None
+        c = self.sparse_engine.counts
+        return int(c[0]), int(c[1])
 
     def new_cache(self, max_tokens: int | None = None) -> ONNXCache:
         return ONNXCache(self.spec, max_tokens or self.spec.max_position_embeddings, self.rope_inputs)
 
-    def forward(self, tokens, cache: ONNXCache, lazy: bool = False, last_only: bool = False) -> np.ndarray:
+    def check_tree(self) -> None:
+        """Raises unless this graph can verify a token tree (``forward`` with ``positions``/``visible``)."""
+        if not self.tree_inputs:
+            raise EdgeInferError("this package's ONNX graph predates tree attention (--tree); re-export it with "
+                                 "`edgeinfer convert PKG --backend onnx`, use a chain (--num-draft), or --backend mlx")
+        if any(t == "sliding" for t in self.spec.layer_types) and self.spec.sliding_window:
+            # GroupQueryAttention counts its window from the row in the chunk, not from a tree node's depth
+            raise EdgeInferError("tree attention on the ONNX backend needs a model without sliding-window layers; "
+                                 "use a chain (--num-draft) or --backend mlx")
+
+    def forward(self, tokens, cache: ONNXCache, lazy: bool = False, last_only: bool = False,
+                positions=None, visible=None, expert_budget=None) -> np.ndarray:
         """Runs ``tokens`` (ids) after the cached context; returns logits [1, L, vocab] (or [1, 1, vocab]
-        with ``last_only``). Advances the cache. ``lazy`` is MLX's (ORT runs synchronously)."""
+        with ``last_only``). Advances the cache. ``lazy`` is MLX's (ORT runs synchronously).
+
+        Tree attention: ``positions`` [L] (siblings share one) and ``visible`` [L, K] bool (which of the
+        last K positions after this write each token sees), as on the MLX backend."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(1, -1)
         L = ids.shape[1]
+        if L == 1 and self.sparsity_plan is not None and positions is None and not self.spec.num_experts:
+            if cache.reserve(1):
+                self._bound_cache = None  # new buffers: the graph's binding is stale
+            logits = self.sparse_engine.step(int(ids[0, 0]), cache.offset, cache.k_block, cache.v_block)
+            cache.offset += 1
+            return logits.reshape(1, 1, -1)
+        if positions is not None:
+            self.check_tree()
+            delta = np.asarray(positions, np.int64) - np.arange(cache.offset, cache.offset + L)
+            bias = np.where(np.asarray(visible, bool), 0.0, -np.inf).astype(np.float32)
+            self._binding.bind_cpu_input("position_delta", delta.reshape(1, L))
+            self._binding.bind_cpu_input("tree_bias", bias.reshape(1, 1, *bias.shape))
+            self._tree_bound = True
+        elif self._tree_bound:  # back to the plain causal chunk
+            self._binding.bind_cpu_input("position_delta", np.zeros((1, 1), np.int64))
+            self._binding.bind_cpu_input("tree_bias", np.zeros((1, 1, 1, 1), np.float32))
+            self._tree_bound = False
         b = self._binding
         if cache.reserve(L) or self._bound_cache is not cache:
             for i in range(self.spec.num_layers):
@@ -146,6 +226,15 @@ class ONNXModel:
         b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
         b.bind_cpu_input("logits_start", np.array([start], np.int64))
         b.bind_ortvalue_output("logits", self._ov(logits))
+        if self.spec.num_experts:
+            ctrl = no_budget(self.spec) if expert_budget is None else expert_budget.controls(self.spec, self.moe_top_k)
+            b.bind_cpu_input("moe_ctrl", np.array(ctrl, np.float32))
+            b.bind_cpu_input("moe_top_k", np.array([self.moe_top_k], np.int64))
+            stats = np.empty((sum(map(self.spec.is_moe_layer, range(self.spec.num_layers))), 3), np.float32)
+            b.bind_ortvalue_output("moe_stats", self._ov(stats))
         self.session.run_with_iobinding(b)
         cache.offset = total
+        if self.spec.num_experts:
+            layers = [i for i in range(self.spec.num_layers) if self.spec.is_moe_layer(i)]
+            self.moe_stats = [dict(layer=i, requested=int(r), kept=int(k), mass_kept=float(m)) for i, (r, k, m) in zip(layers, stats)]
         return logits
