@@ -54,7 +54,8 @@ def test_builtins_are_listed():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", BUILTINS)
-def test_builtin_runs_end_to_end(name, models_dir, tmp_path):
+def test_builtin_runs_end_to_end(name, models_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEINFER_MODELS", str(models_dir))  # load_scenario below resolves the packages too
     env = cli_env() | {"EDGEINFER_MODELS": str(models_dir)}
     out = tmp_path / "out"
     r = edgeinfer("scenario", "run", name, "--duration", str(DURATION.get(name, 6)), "--out", str(out), env=env)
