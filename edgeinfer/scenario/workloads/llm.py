@@ -97,7 +97,13 @@ class LLMWorkload:
 
         pkg = self._package()
         backend = choose_backend(pkg, self.backend)
-        plan = plan_memory(pkg, budget=self.memory_budget, context=self.context, backend=backend, baseline=0)
+        sparse = None
+        if self.sparsity:  # the plan's factors and, on ONNX, the input-major layout count too
+            from ...sparse.plan import load_plan
+
+            sparse = load_plan(pkg, float(self.sparsity))
+        plan = plan_memory(pkg, budget=self.memory_budget, context=self.context, backend=backend, baseline=0,
+                           sparsity_plan=sparse)
         return int(plan.total_bytes)
 
     def load(self, threads: int | None) -> None:
