@@ -293,23 +293,25 @@ def worker(name: str, spec: dict) -> dict:
 
 def thread_env(threads: int) -> dict:
     env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS"):
         env[k] = str(threads)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONWARNINGS", None)
     return env
 
 
-def run_worker(name: str, spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name]
+def run_worker(name: str | None, spec: dict, timeout: float, script: str = __file__, tag: str = RESULT_TAG) -> dict:
+    """Runs ``script --worker [name]`` in a fresh process with ``spec`` on stdin; its result is the last
+    stdout line starting with ``tag`` (other benchmarks reuse this with their own script and tag)."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker"] + ([name] if name else [])
     try:
         r = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, env=thread_env(spec["threads"]),
                            timeout=timeout, cwd=str(ROOT))
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
     for line in reversed(r.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+        if line.startswith(tag):
+            return json.loads(line[len(tag):])
     tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
     return {"status": "error", "reason": f"exit {r.returncode}: {tail}"}
 

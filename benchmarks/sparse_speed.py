@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,26 +102,10 @@ def llama_worker(spec: dict) -> dict:
 
 
 # -- the driver --------------------------------------------------------------------------------------------
-def thread_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        env[k] = str(threads)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def run_worker(spec: dict, timeout: float = 900) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
-    try:
-        r = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, env=thread_env(spec["threads"]),
-                           timeout=timeout, cwd=str(ROOT))
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "reason": f"timed out after {timeout:.0f} s"}
-    for line in reversed(r.stdout.splitlines()):
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"status": "error", "reason": f"exit {r.returncode}: {tail}"}
+    import peers  # the same fresh-process worker protocol as the peers benchmark
+
+    return peers.run_worker(None, spec, timeout, script=__file__, tag=RESULT_TAG)
 
 
 def work_copy(pkg_dir: Path, cache: Path) -> Path:
