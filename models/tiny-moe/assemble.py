@@ -4,6 +4,8 @@ and checks them on CPU with transformers against the figures the device logged.
     python models/tiny-moe/assemble.py /work/.device/N            # folder holding bundle.tar.part00.. (+ logs)
         [--moe-out models/tiny-moe-hf] [--draft-out models/tiny-draft-hf] [--logs models/tiny-moe/logs]
     python models/tiny-moe/assemble.py --verify-only                # re-check existing checkpoints
+    python models/tiny-moe/assemble.py /work/.device/N --moe-out models/tiny-moe16-hf --log-prefix moe16-
+                                                                    # a --preset moe16 run (no draft)
 
 The draft came back without its embedding (it is the MoE's, frozen during its training: train.py says why);
 it is put back here from the MoE's weights and checked against the SHA-256 the device logged. The check loads
@@ -54,13 +56,10 @@ def read_bundle(parts_dir: Path) -> tarfile.TarFile:
 
 
 def assemble(a) -> None:
-    from safetensors.numpy import load_file, save_file
-
     if not a.parts.is_dir():
         fail(f"{a.parts} is not a folder (name the one that holds bundle.tar.part*)")
-    for d in (a.moe_out, a.draft_out):
-        if d.exists() and not a.force:
-            fail(f"{d} exists (pass --force to replace it)")
+    if a.moe_out.exists() and not a.force:
+        fail(f"{a.moe_out} exists (pass --force to replace it)")
     if not a.tokenizer.is_file():
         fail(f"{a.tokenizer} is missing: it is SmolLM2's tokenizer.json (models/smollm2-135m-instruct)")
     with tempfile.TemporaryDirectory(dir=REPO / "models") as tmp:
@@ -70,29 +69,50 @@ def assemble(a) -> None:
         metrics = json.loads((src / "metrics.json").read_text())
         moe, draft = tmp / "moe-out", tmp / "draft-out"
         shutil.copytree(src / "moe", moe)
-        draft.mkdir()
-        for d in (moe, draft):
+        with_draft = (src / "draft").is_dir()  # train.py --draft-steps 0 returns the MoE alone
+        if with_draft and a.draft_out.exists() and not a.force:
+            fail(f"{a.draft_out} exists (pass --force to replace it)")
+        if with_draft:
+            draft.mkdir()
+        for d in (moe, draft) if with_draft else (moe,):
             shutil.copy(a.tokenizer, d / "tokenizer.json")
             (d / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-        cfg = json.loads((src / "draft" / "config.json").read_text())
-        cfg = {"architectures": ["Qwen3ForCausalLM"], **cfg}  # saved from the config alone, which omits it
-        (draft / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        shutil.copy(src / "draft" / "generation_config.json", draft / "generation_config.json")
-        emb = load_file(str(moe / "model.safetensors"))["model.embed_tokens.weight"]
-        if hashlib.sha256(emb.tobytes()).hexdigest() != metrics["embedding_fp16_sha256"]:
-            fail("the MoE's embedding differs from the one the draft was trained with (embedding_fp16_sha256)")
-        body = load_file(str(src / "draft" / "body.safetensors"))
-        save_file({"model.embed_tokens.weight": emb, **body}, str(draft / "model.safetensors"),
-                  metadata={"format": "pt"})
+        if with_draft:
+            add_draft(src, moe, draft, metrics)
         a.logs.mkdir(parents=True, exist_ok=True)
         for name in ("train.log", "metrics.json", "heldout.txt"):
             f = a.parts / name if (a.parts / name).exists() else src / name
-            shutil.copy(f, a.logs / name)
-        for d, out in ((moe, a.moe_out), (draft, a.draft_out)):
+            shared = a.logs / name
+            if name == "heldout.txt" and a.log_prefix and shared.exists() and shared.read_bytes() == f.read_bytes():
+                continue  # the same held-out text as the other runs': kept once
+            shutil.copy(f, a.logs / f"{a.log_prefix}{name}")
+        pairs = ((moe, a.moe_out), (draft, a.draft_out)) if with_draft else ((moe, a.moe_out),)
+        for d, out in pairs:
             if out.exists():
                 shutil.rmtree(out)
             d.rename(out)
-    print(f"wrote {a.moe_out}, {a.draft_out} and {a.logs}")
+    print(f"wrote {', '.join(str(o) for _, o in pairs)} and {a.logs}")
+
+
+def log_path(a, name: str) -> Path:
+    """A run's log under its prefix; its held-out text is the shared heldout.txt when it was the same text."""
+    own = a.logs / f"{a.log_prefix}{name}"
+    return a.logs / name if name == "heldout.txt" and not own.exists() else own
+
+
+def add_draft(src: Path, moe: Path, draft: Path, metrics: dict) -> None:
+    """The draft as a checkpoint: its returned layers plus the MoE's embedding it was trained with."""
+    from safetensors.numpy import load_file, save_file
+    cfg = json.loads((src / "draft" / "config.json").read_text())
+    cfg = {"architectures": ["Qwen3ForCausalLM"], **cfg}  # saved from the config alone, which omits it
+    (draft / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    shutil.copy(src / "draft" / "generation_config.json", draft / "generation_config.json")
+    emb = load_file(str(moe / "model.safetensors"))["model.embed_tokens.weight"]
+    if hashlib.sha256(emb.tobytes()).hexdigest() != metrics["embedding_fp16_sha256"]:
+        fail("the MoE's embedding differs from the one the draft was trained with (embedding_fp16_sha256)")
+    body = load_file(str(src / "draft" / "body.safetensors"))
+    save_file({"model.embed_tokens.weight": emb, **body}, str(draft / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def verify(a) -> bool:
@@ -100,12 +120,13 @@ def verify(a) -> bool:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_grad_enabled(False)
-    metrics = json.loads((a.logs / "metrics.json").read_text())
-    text = (a.logs / "heldout.txt").read_text(encoding="utf-8")
+    metrics = json.loads(log_path(a, "metrics.json").read_text())
+    text = log_path(a, "heldout.txt").read_text(encoding="utf-8")
     if hashlib.sha256(text.encode("utf-8")).hexdigest() != metrics["heldout"]["sha256"]:
-        fail(f"{a.logs / 'heldout.txt'} is not the held-out text the device evaluated on")
+        fail(f"{log_path(a, 'heldout.txt')} is not the held-out text the device evaluated on")
     ok = True
-    for name, path in (("moe", a.moe_out), ("draft", a.draft_out)):
+    models = (("moe", a.moe_out), ("draft", a.draft_out)) if "draft_final" in metrics else (("moe", a.moe_out),)
+    for name, path in models:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -133,6 +154,8 @@ def main() -> int:
     ap.add_argument("--draft-out", type=Path, default=REPO / "models/tiny-draft-hf")
     ap.add_argument("--logs", type=Path, default=REPO / "models/tiny-moe/logs",
                     help="where the run's train.log, metrics.json and held-out text go")
+    ap.add_argument("--log-prefix", default="", help="name the run's logs PREFIXtrain.log, PREFIXmetrics.json "
+                    "(e.g. moe16-); the held-out text stays heldout.txt")
     ap.add_argument("--tokenizer", type=Path, default=REPO / "models/smollm2-135m-instruct/tokenizer.json")
     ap.add_argument("--force", action="store_true", help="replace existing checkpoint folders")
     ap.add_argument("--verify-only", action="store_true", help="only check the existing checkpoints")

@@ -53,6 +53,16 @@ MOE = dict(COMMON, num_hidden_layers=8, num_experts=8, num_experts_per_tok=2, mo
            intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
            router_aux_loss_coef=0.01, output_router_logits=False)
 DRAFT = dict(COMMON, num_hidden_layers=4, intermediate_size=768)
+# --preset moe16: experts dominate what a verification pass reads (the expert-budget measurement, issue 9).
+# The default model reads 8 MB of tied embedding/head per token against 0.11 MB per expert; here the
+# embedding is halved (hidden 128) and the experts carry 79% of the parameters (16 x width 512, top-2).
+# Sized to come back from one call in fp16 (31.9M parameters, 61 MiB of the 64 MiB) with no draft, every
+# matrix dimension a multiple of the 4-bit package's group of 64.
+MOE16 = dict(COMMON, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=8,
+             num_experts=16, num_experts_per_tok=2, moe_intermediate_size=512, intermediate_size=512,
+             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.01,
+             output_router_logits=False)
+PRESETS = {"default": MOE, "moe16": MOE16}
 
 OUT = Path(os.environ.get("OUT", "/tmp/tiny-moe-out"))
 OUT.mkdir(parents=True, exist_ok=True)
@@ -205,7 +215,7 @@ def make_model(kind: str):
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
     torch.manual_seed(SEED + (0 if kind == "moe" else 1))
     if kind == "moe":
-        cfg = Qwen3MoeConfig(**MOE)
+        cfg = Qwen3MoeConfig(**MOE)  # MOE is the chosen preset's config (main)
         model = Qwen3MoeForCausalLM(cfg)
     else:
         cfg = Qwen3Config(**DRAFT)
@@ -367,7 +377,8 @@ def finish(model, name: str, tok, heldout: torch.Tensor, is_moe: bool) -> dict:
     log(f"{name} final: " + json.dumps({k: v for k, v in res.items() if k != "expert_load_heldout"}))
     if is_moe:
         b = res["expert_load_heldout"]
-        log(f"{name} expert load: fraction min {b['fraction_min']:.4f} max {b['fraction_max']:.4f} (uniform 0.125); "
+        log(f"{name} expert load: fraction min {b['fraction_min']:.4f} max {b['fraction_max']:.4f} "
+            f"(uniform {1 / model.config.num_experts:.4f}); "
             f"normalized entropy per layer {b['normalized_entropy_per_layer']}")
     return res
 
@@ -439,10 +450,12 @@ def full(args, tok):
     del flat
     bundle = Path(tempfile.mkdtemp(prefix="tiny-moe-"))
     (bundle / "moe").mkdir(parents=True, exist_ok=True)
-    (bundle / "draft").mkdir(parents=True, exist_ok=True)
+    if args.draft_steps > 0:
+        (bundle / "draft").mkdir(parents=True, exist_ok=True)
     (bundle / "heldout.txt").write_text(held_text, encoding="utf-8")
     metrics = {"env": info, "seed": SEED, "seq_len": SEQ_LEN, "eval_window": EVAL_WINDOW, "heldout": held,
-               "corpus": stats, "moe_config": MOE, "draft_config": DRAFT, "args": vars(args)}
+               "corpus": stats, "moe_config": MOE, "draft_config": DRAFT if args.draft_steps > 0 else None,
+               "args": vars(args)}
 
     def dump():
         (OUT / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
@@ -462,7 +475,23 @@ def full(args, tok):
     emb = moe.get_input_embeddings().weight.detach().clone()
     metrics["embedding_fp16_sha256"] = hashlib.sha256(emb.cpu().numpy().tobytes()).hexdigest()
     del moe
+    if args.draft_steps > 0:
+        train_draft(args, tok, seqs, windows, emb, bundle, metrics, dump)
+    metrics["total_s"] = round(time.time() - T0, 1)
+    dump()
+    for f in ("metrics.json", "train.log"):
+        (bundle / f).write_bytes((OUT / f).read_bytes())
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(bundle, arcname="tiny-moe-bundle")
+    data, part = buf.getvalue(), 15 * 2**20
+    for i in range(0, len(data), part):
+        (OUT / f"bundle.tar.part{i // part:02d}").write_bytes(data[i:i + part])
+    log(f"bundle: {len(data)} bytes in {math.ceil(len(data) / part)} parts, sha256 "
+        f"{hashlib.sha256(data).hexdigest()}; total {time.time() - T0:.1f}s")
 
+
+def train_draft(args, tok, seqs, windows, emb, bundle, metrics, dump):
     draft = make_model("draft").to(DEV)
     with torch.no_grad():
         draft.get_input_embeddings().weight.copy_(emb.float())
@@ -480,18 +509,6 @@ def full(args, tok):
     body = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()
             if "embed_tokens" not in k and k != "lm_head.weight"}
     save_file(body, str(bundle / "draft" / "body.safetensors"), metadata={"format": "pt"})
-    metrics["total_s"] = round(time.time() - T0, 1)
-    dump()
-    for f in ("metrics.json", "train.log"):
-        (bundle / f).write_bytes((OUT / f).read_bytes())
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        tf.add(bundle, arcname="tiny-moe-bundle")
-    data, part = buf.getvalue(), 15 * 2**20
-    for i in range(0, len(data), part):
-        (OUT / f"bundle.tar.part{i // part:02d}").write_bytes(data[i:i + part])
-    log(f"bundle: {len(data)} bytes in {math.ceil(len(data) / part)} parts, sha256 "
-        f"{hashlib.sha256(data).hexdigest()}; total {time.time() - T0:.1f}s")
 
 
 def main() -> int:
@@ -500,20 +517,24 @@ def main() -> int:
     ap.add_argument("--probe", action="store_true", help="measure only: versions, corpus, step speed")
     ap.add_argument("--probe-seconds", type=float, default=12.0)
     ap.add_argument("--limit-files", type=int, default=None, help="read only the first N source files")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                    help="MoE config: default (8 experts, hidden 256, the committed tiny-moe) or moe16 (16 "
+                         "experts of width 512, hidden 128: experts are most of the bytes a verification reads)")
     ap.add_argument("--batch", type=int, default=32, help="sequences of 1024 tokens per step")
     ap.add_argument("--moe-steps", type=int, default=3000)
     ap.add_argument("--moe-lr", type=float, default=2e-3)
     ap.add_argument("--moe-seconds", type=float, default=360.0, help="stop the MoE early past this training time")
     ap.add_argument("--balance", choices=["per-layer", "pooled"], default="per-layer",
                     help="load-balancing loss per layer (default) or pooled over layers as transformers does")
-    ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--draft-steps", type=int, default=1500, help="0: no draft (nothing of it is returned)")
     ap.add_argument("--draft-lr", type=float, default=2e-3)
     ap.add_argument("--draft-seconds", type=float, default=90.0)
     ap.add_argument("--max-eval-windows", type=int, default=None, help="smoke tests: fewer held-out windows")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
     args = ap.parse_args()
-    global DEV
+    global DEV, MOE
     DEV = torch.device(args.device)
+    MOE = PRESETS[args.preset]
     torch.manual_seed(SEED)
     np.random.seed(SEED)
     tok = load_tokenizer(args.tokenizer)
