@@ -8,6 +8,7 @@ file limit). The exact commands and results are in README.md beside this file.
 
     python3 models/tiny-moe/train.py --probe            # versions, corpus size, tokenizer and step speed
     python3 models/tiny-moe/train.py --moe-steps N --draft-steps M [--balance per-layer|pooled]
+    python3 models/tiny-moe/train.py --preset moe16 --moe-steps N --draft-steps 0   # 16 experts, no draft
 
 The draft shares the MoE's trained embedding (frozen; tied to its output head): at most 64 MiB come back from
 a call, which holds the MoE and the draft's own layers in fp16 but not a second 25 MB embedding.
