@@ -141,16 +141,11 @@ def calibrate(pkg, levels: list[float], log) -> list:
     ids = Tokenizer(pkg.path, pkg.tokenizer_info).encode(CHECK_TEXT)[:96]
     log(f"calibrating magnitude thresholds for {', '.join(f'{x:.2f}' for x in levels)} on {len(ids)} tokens (numpy)")
     ref = ReferenceDecoder(pkg)
-    ref.inputs = {}
-    s = pkg.spec
-    kb = np.zeros((s.num_layers, 1, s.num_kv_heads, len(ids), s.head_dim), np.float32)
-    vb = kb.copy()
-    for pos, t in enumerate(ids):
-        ref.step(t, pos, kb, vb)
+    inputs = ref.record_inputs(ids)
     plans = []
     for lv in levels:
         plan = SparsePlan(level=lv, info={})
-        for (i, p), xs in ref.inputs.items():
+        for (i, p), xs in inputs.items():
             m, n = ref.W[i, p].shape
             t = float(np.quantile(np.abs(np.array(xs)), lv))
             plan.modules[f"layers.{i}.{p}"] = ModulePlan(f"layers.{i}.{p}", m, n, lv, 1.0, n, 0, t)

@@ -65,14 +65,8 @@ def calibrated_plan(pkg, level: float, rho: float, tokens: list[int], rank_share
     with rho < 1, column norms and a rank-r SVD of W (r = rank_share * min(m, n))."""
     pkg = open_package(pkg) if not hasattr(pkg, "spec") else pkg
     ref = ReferenceDecoder(pkg)
-    ref.inputs = {}
-    s = pkg.spec
-    kb = np.zeros((s.num_layers, 1, s.num_kv_heads, len(tokens), s.head_dim), np.float32)
-    vb = kb.copy()
-    for pos, t in enumerate(tokens):
-        ref.step(t, pos, kb, vb)
     plan = SparsePlan(level=level, info={})
-    for (i, p), xs in ref.inputs.items():
+    for (i, p), xs in ref.record_inputs(tokens).items():
         W = ref.W[i, p]
         m, n = W.shape
         c = np.linalg.norm(W, axis=0).astype(np.float32) if rho < 1 else None

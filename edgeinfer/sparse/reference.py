@@ -79,6 +79,18 @@ class ReferenceDecoder:
         self.active[1] += x.size
         return y + self.bias[i, p] if (i, p) in self.bias else y
 
+    def record_inputs(self, ids: list[int]) -> dict:
+        """Decodes ``ids`` densely from an empty cache and returns each module's input vectors,
+        ``{(layer, proj): [x, ...]}`` (what magnitude thresholds are calibrated on)."""
+        s = self.spec
+        kb = np.zeros((s.num_layers, 1, s.num_kv_heads, len(ids), s.head_dim), np.float32)
+        vb = kb.copy()
+        self.inputs = {}
+        for pos, t in enumerate(ids):
+            self.step(t, pos, kb, vb)
+        inputs, self.inputs = self.inputs, None
+        return inputs
+
     def step(self, token: int, pos: int, kblock: np.ndarray, vblock: np.ndarray, plan=None) -> np.ndarray:
         s = self.spec
         nh, nkv, D = s.num_heads, s.num_kv_heads, s.head_dim
