@@ -237,12 +237,12 @@ def section(rep: dict, command: str) -> str:
         *[f"- {v}" for v in rep["verdict"]], "", END])
 
 
-def write_section(doc: Path, text: str) -> None:
-    """Replaces the text between this benchmark's markers (markers included), or appends it; written under a
+def write_section(doc: Path, text: str, start: str = START, end: str = END) -> None:
+    """Replaces the text between a benchmark's markers (markers included), or appends it; written under a
     temporary name and renamed, so an interrupted write leaves the file as it was."""
     old = doc.read_text() if doc.exists() else ""
-    i, j = old.find(START), old.find(END)
-    new = old[:i] + text + old[j + len(END):] if 0 <= i < j else old.rstrip("\n") + "\n\n" + text + "\n"
+    i, j = old.find(start), old.find(end)
+    new = old[:i] + text + old[j + len(end):] if 0 <= i < j else old.rstrip("\n") + "\n\n" + text + "\n"
     tmp = doc.with_name(doc.name + f".partial-{os.getpid()}")
     tmp.write_text(new)
     os.replace(tmp, doc)
