@@ -55,7 +55,7 @@ def linked_copy(src: Path, dst: Path) -> Path:
 def sparsify(pkg: Path, levels: list[float], extra: list[str], a) -> tuple[str, float]:
     cmd = [sys.executable, "-m", "edgeinfer.cli", "sparsify", str(pkg), "--sparsity", *map(str, levels), *extra,
            "--seed", str(a.seed), "--population", str(a.population), "--generations", str(a.generations),
-           "--fitness-windows", str(a.fitness_windows)]
+           "--fitness-windows", str(a.fitness_windows), "--fitness", a.fitness]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, stderr=None if sys.stderr.isatty() else subprocess.PIPE, text=True)
     if r.returncode:
@@ -71,7 +71,7 @@ def evaluate(pkg: Path, level: float, text: str, a, prompts) -> dict:
 
     m = edgeinfer.load(pkg, backend="mlx", sparsity=level)
     sparse_every_position(m)
-    r = perplexity(m, text, window=a.window, max_windows=a.max_windows, progress=True).to_dict()
+    r = perplexity(m, text, window=a.window, max_windows=a.max_windows, progress=True, spread=a.spread).to_dict()
     if level:
         m.backend.set_sparsity(m.backend.sparsity_plan, mode="decode")
         g = generation_check(m, prompts, max_tokens=a.gen_tokens, progress=True)
@@ -86,7 +86,7 @@ def render(rep: dict) -> str:
     dense = rep["dense"]["ppl"]
     lines = [f"<!-- sparse-quality:{name}:start -->", f"## R-Sparse quality: {name}", "",
              f"Written by `benchmarks/sparse_quality.py` from one run ({rep['date']}). Perplexity: wikitext-2 raw test, "
-             f"{rep['window']}-token windows ({rep['windows']} of {rep['total_windows']}), every position sparsified "
+             f"{rep['window']}-token windows ({rep['windows']} of {rep['total_windows']}{', evenly spaced over the file' if rep.get('spread') else ''}), every position sparsified "
              "(MLX backend, float weights dequantized from the package). Agreement: greedy decoding of "
              f"{len(rep['prompts'])} fixed prompts for {rep['gen_tokens']} tokens, prefill dense and decode steps "
              "sparse; the share of dense's tokens the sparse model also picks when fed dense's text (teacher-forced), "
@@ -130,11 +130,13 @@ def main() -> int:
     ap.add_argument("--data", default=str(DATA), help="evaluation text (default: wikitext-2 raw test)")
     ap.add_argument("--window", type=int, default=512, help="perplexity window (default 512)")
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate the first N windows only (default: all)")
+    ap.add_argument("--spread", action="store_true", help="with --max-windows: N windows evenly spaced over the file, not the first N")
     ap.add_argument("--gen-tokens", type=int, default=48, help="tokens per prompt of the generation check (default 48)")
     ap.add_argument("--seed", type=int, default=0, help="sparsify's seed (calibration text and search)")
     ap.add_argument("--population", type=int, default=12, help="evolutionary search: population (default 12)")
     ap.add_argument("--generations", type=int, default=4, help="evolutionary search: generations (default 4)")
     ap.add_argument("--fitness-windows", type=int, default=8, help="evolutionary search: calibration windows (default 8)")
+    ap.add_argument("--fitness", choices=["kl", "ppl"], default="kl", help="evolutionary search: fitness (default kl)")
     ap.add_argument("--work", default=None, help="folder for the package copies (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="markdown file to write (default: only the docs section)")
     ap.add_argument("--no-doc", action="store_true", help="do not write the docs/BENCHMARKS.md section")
@@ -163,7 +165,7 @@ def main() -> int:
         copies[label] = pkg
     print("dense", file=sys.stderr)
     rep["dense"] = evaluate(src, 0.0, text, a, GEN_PROMPTS)
-    rep["windows"], rep["total_windows"] = rep["dense"]["windows"], rep["dense"]["total_windows"]
+    rep["windows"], rep["total_windows"], rep["spread"] = rep["dense"]["windows"], rep["dense"]["total_windows"], rep["dense"]["spread"]
     results = {}
     for label, pkg in copies.items():
         man = json.loads((pkg / "manifest.json").read_text())

@@ -42,6 +42,7 @@ from edgeinfer.sparse.plan import (
 
 METHODS = ("rsparse", "teal")
 SEARCHES = ("evolutionary", "greedy", "uniform")
+FITNESS = ("kl", "ppl")
 
 # Seed prompts of the self-generated calibration text: varied registers (story, explanation, dialogue,
 # lists, code, facts), so the activations cover more than one kind of text.
@@ -80,6 +81,7 @@ class SearchSettings:
     generations: int = 4
     fitness_windows: int = 8
     elites: int = 2
+    fitness: str = "kl"  # Fitness.kind
 
 
 # -- calibration data ------------------------------------------------------------------------------------
@@ -332,25 +334,64 @@ def per_layer(spec, s: np.ndarray, rho: np.ndarray) -> Allocation:
 
 
 class Fitness:
-    """Perplexity of the sparse model ("all positions" mode) on a fixed set of calibration windows."""
+    """How far the sparse model ("all positions" mode) is from dense on a fixed set of calibration windows:
+    ``kl``, the mean KL divergence of its next-token distributions from dense's (lower is better), or ``ppl``,
+    its perplexity on the calibration text (R-Sparse's choice). KL compares whole distributions at every
+    position, so it depends less on which tokens a short, self-generated text happens to contain."""
 
-    def __init__(self, model, stats, windows: list[list[int]], level: float):
-        self.model, self.stats, self.windows, self.level = model, stats, windows, level
+    def __init__(self, model, stats, windows: list[list[int]], level: float, kind: str = "kl", dense=None):
+        self.model, self.stats, self.windows, self.level, self.kind = model, stats, windows, level, kind
         self.evaluations = 0
+        self.dense = dense if dense is not None or kind != "kl" else dense_logprobs(model, windows)
 
     def __call__(self, alloc: Allocation | None) -> float:
         return self.plan(build_plan(self.stats, alloc, self.level) if alloc is not None else None)
 
     def plan(self, plan: SparsePlan | None) -> float:
+        self.model.backend.set_sparsity(plan, mode="all")
+        self.evaluations += 1
+        return self.kl() if self.kind == "kl" else self.ppl()
+
+    def ppl(self) -> float:
         from edgeinfer.evaluate import window_nll
 
-        self.model.backend.set_sparsity(plan, mode="all")
         nll = cnt = 0
         for w in self.windows:
             a, b = window_nll(self.model, w)
             nll, cnt = nll + a, cnt + b
-        self.evaluations += 1
         return math.exp(nll / cnt)
+
+    def kl(self) -> float:
+        import mlx.core as mx
+
+        total = cnt = 0
+        for w, p in zip(self.windows, self.dense):
+            q = _logprobs(self.model, w)
+            total += float((mx.exp(p) * (p - q)).sum().item())
+            cnt += len(w) - 1
+        return total / cnt
+
+
+def _logprobs(model, ids: list[int]):
+    import mlx.core as mx
+
+    logits = model.backend.forward(ids[:-1], model.backend.new_cache(max_tokens=len(ids)), lazy=True)[0].astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def dense_logprobs(model, windows: list[list[int]]) -> list:
+    """Dense next-token log-probabilities of each window (float16 where the vocabulary is large)."""
+    import mlx.core as mx
+
+    model.backend.set_sparsity(None)
+    out = []
+    for w in windows:
+        lp = _logprobs(model, w)
+        if lp.size > 1 << 24:
+            lp = lp.astype(mx.float16)
+        mx.eval(lp)
+        out.append(lp)
+    return out
 
 
 def search_uniform(spec, fit: Fitness, target: float, method: str, progress: bool) -> tuple[Allocation, dict]:
@@ -361,7 +402,7 @@ def search_uniform(spec, fit: Fitness, target: float, method: str, progress: boo
     for rho in tqdm(RHO_GRID, desc=f"uniform rho @ {target:.2f}", disable=None if progress else True, file=sys.stderr):
         scores[rho] = fit(per_layer(spec, ones, np.full(spec.num_layers, rho)))
     best = min(scores, key=scores.get)
-    return per_layer(spec, ones, np.full(spec.num_layers, best)), {"rho_ppl": {str(k): v for k, v in scores.items()}}
+    return per_layer(spec, ones, np.full(spec.num_layers, best)), {f"rho_{fit.kind}": {str(k): v for k, v in scores.items()}}
 
 
 class GreedySplit:
@@ -477,7 +518,7 @@ def search_evolutionary(spec, fit: Fitness, target: float, method: str, cfg: Sea
         scored = scored[: cfg.elites]  # the elites carry over with their fitness
     bar.close()
     best = scored[0]
-    return split.allocation(best[1], best[2]), {"best_ppl_by_generation": history, "split": "greedy"}
+    return split.allocation(best[1], best[2]), {f"best_{fit.kind}_by_generation": history, "split": "greedy"}
 
 
 # -- realized sparsity ------------------------------------------------------------------------------------
@@ -606,6 +647,8 @@ def sparsify(pkg_dir: str | Path, levels: list[float], method: str = "rsparse", 
     if calib_generate < 1:
         raise EdgeInferError(f"--calib-generate must be a positive number of tokens, not {calib_generate}")
     settings = settings or SearchSettings()
+    if settings.fitness not in FITNESS:
+        raise EdgeInferError(f"--fitness must be one of {', '.join(FITNESS)}, not {settings.fitness!r}")
     if settings.population < 2 or settings.generations < 1 or settings.fitness_windows < 1:
         raise EdgeInferError("--population must be at least 2, --generations and --fitness-windows at least 1")
     settings.elites = min(settings.elites, settings.population - 1)
@@ -638,9 +681,11 @@ def sparsify(pkg_dir: str | Path, levels: list[float], method: str = "rsparse", 
     step = max(1, len(cal.fit) // settings.fitness_windows)
     fwins = cal.fit[::step][: settings.fitness_windows]
     out = []
-    dense_ppl = Fitness(model, stats, fwins, 0.0)(None)
+    ppl_fit = Fitness(model, stats, fwins, 0.0, kind="ppl")
+    dense_ppl = ppl_fit.plan(None)
+    dense_lp = dense_logprobs(model, fwins) if settings.fitness == "kl" else None
     for lv in levels:
-        fit = Fitness(model, stats, fwins, lv)
+        fit = Fitness(model, stats, fwins, lv, kind=settings.fitness, dense=dense_lp)
         if search == "uniform":
             alloc, detail = search_uniform(spec, fit, lv, method, progress)
         elif search == "greedy":
@@ -649,12 +694,13 @@ def sparsify(pkg_dir: str | Path, levels: list[float], method: str = "rsparse", 
                 scores = {rho: fit({k: (v[0], rho) for k, v in alloc.items()}) for rho in RHO_GRID}
                 best = min(scores, key=scores.get)
                 alloc = {k: (v[0], best) for k, v in alloc.items()}
-                detail = {"rho_ppl": {str(k): v for k, v in scores.items()}}
+                detail = {f"rho_{fit.kind}": {str(k): v for k, v in scores.items()}}
         else:
             alloc, detail = search_evolutionary(spec, fit, lv, method, settings, seed, split, progress)
         plan = build_plan(stats, alloc, lv)
         recalibrate(model, plan, cal.fit, progress)
-        calib_ppl = fit.plan(plan)
+        score = fit.plan(plan)
+        calib_ppl = ppl_fit.plan(plan)
         realized = realized_sparsity(model, plan, cal.held)
         entry = {
             "file": plan_file_name(lv),
@@ -666,7 +712,7 @@ def sparsify(pkg_dir: str | Path, levels: list[float], method: str = "rsparse", 
             "seed": seed,
             "command": command,
             "realized": round(realized, 4),
-            "fitness": {"windows": len(fwins), "dense_ppl": round(dense_ppl, 4), "ppl": round(calib_ppl, 4),
+            "fitness": {"kind": fit.kind, "value": round(score, 6), "windows": len(fwins), "dense_ppl": round(dense_ppl, 4), "ppl": round(calib_ppl, 4),
                         "evaluations": fit.evaluations, **detail},
             "modules": {nm: {"s": round(mp.s, 4), "rho": round(mp.rho, 4), "k": mp.k, "r": mp.r} for nm, mp in plan.modules.items()},
         }

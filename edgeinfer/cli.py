@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--data", required=True, help="UTF-8 text file (e.g. wikitext-2 raw test)")
     pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     pp.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    pp.add_argument("--spread", action="store_true",
+                    help="with --max-windows: take the N windows evenly spaced over the whole text, not the first N")
     pp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pg = esub.add_parser("gen", help="greedy generations under --sparsity against dense: agreement, and the texts",
                          description="For a fixed set of prompts (or --prompts FILE, one per line): greedy continuations "
@@ -291,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rsparse: sparse channels plus a low-rank residual, score |x|*||W col|| where rho < 1; "
                         "teal: magnitude thresholds only (rho = 1, no low-rank) (default rsparse)")
     p.add_argument("--search", choices=["evolutionary", "greedy", "uniform"], default=None,
-                   help="how sparsity (and rho) are spread over layers: evolutionary (R-Sparse's search, fitness the "
-                        "calibration perplexity), greedy (TEAL's per-projection allocation) or uniform "
+                   help="how sparsity (and rho) are spread over layers: evolutionary (R-Sparse's search, see "
+                        "--fitness), greedy (TEAL's per-projection allocation) or uniform "
                         "(default: evolutionary for rsparse, uniform for teal)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--calib", default=None, metavar="FILE", help="calibration text (UTF-8) instead of generated text")
@@ -305,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--population", type=int, default=12, help="candidates per generation (default 12)")
     s.add_argument("--generations", type=int, default=4, help="generations (default 4)")
     s.add_argument("--fitness-windows", type=int, default=8,
-                   help="calibration windows of 128 tokens whose perplexity is the fitness (default 8)")
+                   help="calibration windows of 128 tokens the fitness is measured on (default 8)")
+    s.add_argument("--fitness", choices=["kl", "ppl"], default="kl",
+                   help="what the search minimizes on those windows: kl, the mean KL divergence of the sparse model's "
+                        "next-token distributions from dense's, or ppl, the sparse model's perplexity (the paper's) "
+                        "(default kl)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     from edgeinfer.apps.profile import add_profile_parser
@@ -422,11 +428,11 @@ def cmd_eval(a) -> int:
         a.backend = "mlx"  # sparse perplexity needs the all-positions mode, which the MLX backend has
     m = _load(a)
     sparse_every_position(m)
-    r = perplexity(m, text, window=a.window, max_windows=a.max_windows, progress=not a.quiet)
+    r = perplexity(m, text, window=a.window, max_windows=a.max_windows, progress=not a.quiet, spread=a.spread)
     if a.json:
         print(json.dumps({"model": str(m.package.path), "data": a.data, **r.to_dict()}))
     else:
-        print(f"perplexity {r.ppl:.4f} over {r.windows} of {r.total_windows} windows of {r.window} tokens "
+        print(f"perplexity {r.ppl:.4f} over {r.windows} of {r.total_windows}{' evenly spaced' if r.spread else ''} windows of {r.window} tokens "
               f"({r.predicted_tokens} predicted tokens, {r.seconds:.1f} s)")
     return 0
 
@@ -471,7 +477,8 @@ def cmd_sparsify(a) -> int:
 
     command = "edgeinfer " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     pkg = resolve_package(a.package)
-    settings = SearchSettings(population=a.population, generations=a.generations, fitness_windows=a.fitness_windows)
+    settings = SearchSettings(population=a.population, generations=a.generations, fitness_windows=a.fitness_windows,
+                              fitness=a.fitness)
     done = sparsify(pkg, a.sparsity, method=a.method, search=a.search, calib_file=a.calib, calib_generate=a.calib_generate,
                     seed=a.seed, command=command, settings=settings, progress=not a.quiet)
     for level, e in done.items():

@@ -28,6 +28,7 @@ class PerplexityResult:
     window: int
     total_windows: int
     seconds: float
+    spread: bool = False  # the windows were spaced evenly over the text, not the first ones
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +58,10 @@ def window_nll(model, ids: list[int]) -> tuple[float, int]:
     return float(nll.item()), len(ids) - 1
 
 
-def perplexity(model, text: str, window: int = 512, max_windows: int | None = None, progress: bool = True) -> PerplexityResult:
+def perplexity(model, text: str, window: int = 512, max_windows: int | None = None, progress: bool = True,
+               spread: bool = False) -> PerplexityResult:
+    """Perplexity over non-overlapping ``window``-token windows: all of them, the first ``max_windows``, or
+    with ``spread`` that many spaced evenly over the whole text (a sample of every part of it)."""
     if window < 2:
         raise EdgeInferError(f"--window must be at least 2, not {window}")
     ids = model.tokenizer.encode(text, add_bos=False)
@@ -66,9 +70,10 @@ def perplexity(model, text: str, window: int = 512, max_windows: int | None = No
     if total == 0:
         raise EdgeInferError(f"the text has {len(ids)} tokens, fewer than one window of {window}")
     n = total if max_windows is None else min(total, max_windows)
+    picks = [round(i * (total - 1) / max(n - 1, 1)) for i in range(n)] if spread and n < total else range(n)
     nll, count = 0.0, 0
     t0 = time.perf_counter()
-    bar = tqdm(range(n), desc="perplexity", unit="window", disable=None if progress else True, file=sys.stderr)
+    bar = tqdm(picks, desc="perplexity", unit="window", disable=None if progress else True, file=sys.stderr)
     for w in bar:
         chunk = ids[w * window : (w + 1) * window]
         if bos is not None:
@@ -81,7 +86,7 @@ def perplexity(model, text: str, window: int = 512, max_windows: int | None = No
     mean = nll / count
     return PerplexityResult(
         ppl=math.exp(mean), nll=mean, predicted_tokens=count, windows=n, window=window, total_windows=total,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, spread=spread and n < total,
     )
 
 

@@ -184,6 +184,24 @@ def test_cli_eval_ppl(tiny_package, tmp_path):
     assert r.returncode == 2 and "missing.txt does not exist" in r.stderr
 
 
+def test_perplexity_spread_takes_windows_over_the_whole_text(tiny_package):
+    import math
+
+    import edgeinfer
+    from edgeinfer.evaluate import perplexity, window_nll
+
+    m = edgeinfer.load(tiny_package("llama", 32), backend="mlx")
+    text = "the quick brown fox jumps over the lazy dog. " * 30 + " ".join(f"w{i * 7919 % 1000}" for i in range(400))
+    ids = m.tokenizer.encode(text, add_bos=False)
+    total = len(ids) // 64
+    bos = [m.tokenizer.bos_token_id] if m.tokenizer.add_bos else []
+    want = [window_nll(m, bos + ids[w * 64:(w + 1) * 64]) for w in (0, total // 2, total - 1)]
+    r = perplexity(m, text, window=64, max_windows=3, spread=True, progress=False)
+    assert r.spread and r.windows == 3 and r.total_windows == total > 6
+    assert math.isclose(r.ppl, math.exp(sum(a for a, _ in want) / sum(b for _, b in want)), rel_tol=1e-5)
+    assert not math.isclose(r.ppl, perplexity(m, text, window=64, max_windows=3, progress=False).ppl, rel_tol=1e-3)
+
+
 def test_cli_generate_bad_inputs(tiny_package, tmp_path):
     pkg = tiny_package("llama", 32)
     r = _cli("generate", "-m", str(pkg), "-p", "hi", "--temp", "-1", env=None)

@@ -207,6 +207,8 @@ def test_sparsify_rsparse_search_and_plan_roundtrip(tiny_pkg, calib_file):
     e = json.loads((tiny_pkg / "manifest.json").read_text())["sparsity"]["levels"]["0.50"]
     assert e["method"] == "rsparse" and e["search"] == "evolutionary"
     assert e["fitness"]["evaluations"] >= 4 + 2
+    # the default fitness: mean KL divergence from dense on the calibration windows, positive under a plan
+    assert e["fitness"]["kind"] == "kl" and 0 < e["fitness"]["value"] < 10
     # the model-level constraint: parameter-weighted mean of s is the target
     m = edgeinfer.load(tiny_pkg, backend="mlx", sparsity=0.5)
     shapes = projection_shapes(m.spec)
@@ -296,6 +298,8 @@ def test_sparsify_bad_arguments_leave_package_unchanged(tiny_pkg, calib_file):
     before = folder_hash(tiny_pkg)
     one_line_error(run_cli("sparsify", tiny_pkg, "--sparsity", "1.2", "--calib", calib_file), "level")
     one_line_error(run_cli("sparsify", tiny_pkg, "--sparsity", "0.5", "--calib", calib_file.parent / "nope.txt"), "nope.txt")
+    r = run_cli("sparsify", tiny_pkg, "--sparsity", "0.5", "--calib", calib_file, "--fitness", "bogus")
+    assert r.returncode == 2 and "argument --fitness: invalid choice" in r.stderr
     assert folder_hash(tiny_pkg) == before
 
 
