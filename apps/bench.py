@@ -237,7 +237,7 @@ def run_bench(c: BenchConfig, progress=None) -> dict:
 
     _check(c)
     pkg = open_package(c.model)
-    bpt = sysinfo.decode_bytes_per_token(pkg)
+    bpt = sysinfo.decode_bytes_per_token(pkg, c.memory.get("moe_top_k"))
     results = [bench_backend(c, b, progress) for b in c.backends]
     bw = None
     if c.bandwidth:  # in a child process, after the runs: its buffer never counts in their peak memory

@@ -204,11 +204,13 @@ def safetensors_sizes(path: str | Path) -> dict[str, tuple[list[int], int]]:
     return {name: (t["shape"], t["end"] - t["start"]) for name, t in safetensors_index(path).items()}
 
 
-def decode_bytes_per_token(pkg) -> dict:
+def decode_bytes_per_token(pkg, experts_per_token: int | None = None) -> dict:
     """The weight bytes one decode step reads, from the package as stored (its manifest and the tensor
     header of its weights file): every tensor of the layers, the final norm, the output head, and one
     row of the embedding; a tied head reads the whole embedding matrix (with its scales and biases).
-    The KV cache is not counted (it grows with the context; for a short context it is small).
+    In an MoE layer only the experts a token runs count (``experts_per_token``, default the model's top-k,
+    of the stacked experts). The KV cache is not counted (it grows with the context; for a short context
+    it is small).
 
     Returns {"bytes", "embedding_bytes", "head_bytes", "layer_bytes", "tied", "basis"}."""
     sizes = safetensors_sizes(pkg.weights_path)
@@ -216,12 +218,18 @@ def decode_bytes_per_token(pkg) -> dict:
     vocab = max(1, int(pkg.spec.vocab_size))
     embed = sum(b for n, (_, b) in sizes.items() if n.startswith("embed."))
     head = sum(b for n, (_, b) in sizes.items() if n.startswith("lm_head."))
-    rest = sum(b for n, (_, b) in sizes.items() if not n.startswith(("embed.", "lm_head.")))
+    rest = sum(b for n, (_, b) in sizes.items() if not n.startswith(("embed.", "lm_head.")) and ".moe.experts." not in n)
+    experts = sum(b for n, (_, b) in sizes.items() if ".moe.experts." in n)
+    if experts:
+        k = experts_per_token or pkg.spec.num_experts_per_tok
+        rest += experts * k // pkg.spec.num_experts
     row = embed / vocab
     head_read = embed if tied else head
     q = pkg.quantization
     basis = (f"package weights as stored ({q.get('bits', 16)}-bit" + (f", groups of {q['group_size']}" if q.get("group_size") else "")
-             + "), one embedding row, " + ("the tied head (whole embedding)" if tied else "the head") + "; KV cache not counted")
+             + "), one embedding row, " + ("the tied head (whole embedding)" if tied else "the head")
+             + (f", {experts_per_token or pkg.spec.num_experts_per_tok} of {pkg.spec.num_experts} experts per MoE layer" if experts else "")
+             + "; KV cache not counted")
     return {"bytes": int(rest + head_read + row), "embedding_bytes": int(embed), "head_bytes": int(head_read),
             "layer_bytes": int(rest), "tied": tied, "basis": basis}
 

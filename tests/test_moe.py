@@ -210,6 +210,21 @@ def test_package_layout(moe_package):
     assert pkg.spec.num_experts == 4 and pkg.spec.shared_expert_size == 128 and pkg.spec.mlp_only_layers == [1]
 
 
+def test_decode_bytes_count_the_experts_a_token_runs(moe_package):
+    """bench's roofline: an MoE decode step reads top_k of each layer's stacked experts (or --moe-top-k)."""
+    from edgeinfer.package import open_package
+    from edgeinfer.sysinfo import decode_bytes_per_token, safetensors_sizes
+
+    pkg = open_package(moe_package("qwen2_moe", 4))
+    sizes = safetensors_sizes(pkg.weights_path)
+    experts = sum(b for n, (_, b) in sizes.items() if ".moe.experts." in n)
+    one = decode_bytes_per_token(pkg, 1)["bytes"]
+    k = pkg.spec.num_experts_per_tok
+    assert decode_bytes_per_token(pkg)["bytes"] - one == experts * k // pkg.spec.num_experts - experts // pkg.spec.num_experts
+    assert decode_bytes_per_token(pkg, pkg.spec.num_experts)["bytes"] - one == experts - experts // pkg.spec.num_experts
+    assert "of 4 experts per MoE layer" in decode_bytes_per_token(pkg)["basis"]
+
+
 # -- expert budgets ------------------------------------------------------------------------------------
 def reference_route(probs: np.ndarray, k: int, norm: bool, budget=None, mass=None, policy="substitute"):
     """Dense [T, E] expert weights of each token under a budget, from the definition (numpy, float64)."""
