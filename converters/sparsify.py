@@ -72,6 +72,8 @@ GREEDY_TOKENS = 256  # of those, the ones the greedy allocation measures errors 
 S_MAX = 0.95
 RHO_MIN = 0.5
 RHO_GRID = (0.6, 0.7, 0.8, 0.9, 1.0)
+SENS_STEP = 0.1  # extra sparsity of one layer when its sensitivity is measured
+SENS_SEEDS = (0.02, 0.04, 0.08)  # seeds of the search: s_i = target - a * (standardized sensitivity of layer i)
 
 
 @dataclass
@@ -462,15 +464,31 @@ class GreedySplit:
                 for p, sp in self.split(i, float(s[i])).items()}
 
 
+def layer_sensitivity(spec, fit: Fitness, target: float, progress: bool) -> np.ndarray:
+    """How much the fitness worsens when one layer alone is SENS_STEP sparser than the uniform ``target``
+    (rho = 1): one evaluation per layer, made once per sparsify run (at the first level searched) and shared."""
+    L = spec.num_layers
+    base = fit(per_layer(spec, np.full(L, target), np.ones(L)))
+    out = np.zeros(L)
+    for i in tqdm(range(L), desc="layer sensitivity", unit="layer", disable=None if progress else True, file=sys.stderr):
+        s = np.full(L, target)
+        s[i] = min(S_MAX, target + SENS_STEP)
+        out[i] = fit(per_layer(spec, s, np.ones(L))) - base
+    return out
+
+
 def search_evolutionary(spec, fit: Fitness, target: float, method: str, cfg: SearchSettings, seed: int,
-                        progress: bool) -> tuple[Allocation, dict]:
+                        progress: bool, sens: np.ndarray | None = None) -> tuple[Allocation, dict]:
     """R-Sparse's search: a population of per-layer (s_i, rho_i), elitist, tournament selection, uniform
     crossover per layer, Gaussian mutation of s and steps of rho, every child projected back onto the
     model-level constraint. All seven projections of layer i take s_i: spreading s_i along TEAL's greedy
     path (``GreedySplit``) measured worse on SmolLM2 (TEAL greedy against uniform, wikitext-2, 16 evenly
     spaced windows: 37.2 vs 34.0 at 40%, 48.8 vs 44.6 at 50%, 84.9 vs 87.4 at 60%; calibration ppl 7.94 vs
     7.81 at 40%). The uniform allocation (TEAL's, rho = 1; and rho = 0.9) seeds the population, so the
-    result is never worse on the calibration fitness than those."""
+    result is never worse on the calibration fitness than those; so do allocations that give the layers
+    that ``sens`` (``layer_sensitivity``) found most sensitive less sparsity (random per-layer mutations
+    of the uniform allocation are nearly always worse: with only those, SmolLM2's and Gemma 3's searches
+    returned the uniform seed)."""
     rng = np.random.default_rng(seed)
     L = spec.num_layers
     wts = layer_weights(spec)
@@ -483,6 +501,10 @@ def search_evolutionary(spec, fit: Fitness, target: float, method: str, cfg: Sea
     pop = [clean(np.full(L, target), np.ones(L))]
     if not fixed_rho:
         pop.append(clean(np.full(L, target), np.full(L, 0.9)))
+    if sens is not None and np.std(sens) > 0:
+        z = (sens - sens.mean()) / sens.std()
+        pop += [clean(target - a * z, np.ones(L)) for a in SENS_SEEDS]
+    pop = pop[: max(cfg.population, 1)]
     while len(pop) < cfg.population:
         s = target + rng.normal(0.0, 0.08, L)
         rho = np.where(rng.random(L) < 0.5, 1.0, rng.choice(np.array(RHO_GRID), size=L))
@@ -684,6 +706,7 @@ def sparsify(pkg_dir: str | Path, levels: list[float], method: str = "rsparse", 
     ppl_fit = Fitness(model, stats, fwins, 0.0, kind="ppl")
     dense_ppl = ppl_fit.plan(None)
     dense_lp = dense_logprobs(model, fwins) if settings.fitness == "kl" else None
+    sens = None  # per-layer sensitivity, measured at the first level the evolutionary search runs
     for lv in levels:
         fit = Fitness(model, stats, fwins, lv, kind=settings.fitness, dense=dense_lp)
         if search == "uniform":
@@ -696,7 +719,10 @@ def sparsify(pkg_dir: str | Path, levels: list[float], method: str = "rsparse", 
                 alloc = {k: (v[0], best) for k, v in alloc.items()}
                 detail = {f"rho_{fit.kind}": {str(k): v for k, v in scores.items()}}
         else:
-            alloc, detail = search_evolutionary(spec, fit, lv, method, settings, seed, progress)
+            if sens is None:
+                sens = layer_sensitivity(spec, fit, lv, progress)
+            alloc, detail = search_evolutionary(spec, fit, lv, method, settings, seed, progress, sens)
+            detail["layer_sensitivity"] = [round(float(x), 6) for x in sens]
         plan = build_plan(stats, alloc, lv)
         recalibrate(model, plan, cal.fit, progress)
         score = fit.plan(plan)

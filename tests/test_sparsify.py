@@ -209,6 +209,9 @@ def test_sparsify_rsparse_search_and_plan_roundtrip(tiny_pkg, calib_file):
     assert e["fitness"]["evaluations"] >= 4 + 2
     # the default fitness: mean KL divergence from dense on the calibration windows, positive under a plan
     assert e["fitness"]["kind"] == "kl" and 0 < e["fitness"]["value"] < 10
+    # one sensitivity per layer, measured before the search (the tiny model's layers differ)
+    sens = e["fitness"]["layer_sensitivity"]
+    assert len(sens) == len({nm.split(".")[1] for nm in e["modules"]}) and len(set(sens)) > 1
     # the model-level constraint: parameter-weighted mean of s is the target
     m = edgeinfer.load(tiny_pkg, backend="mlx", sparsity=0.5)
     shapes = projection_shapes(m.spec)
