@@ -11,7 +11,8 @@ experts and with routing-mass budgets, and scores the held-out perplexity of the
     python benchmarks/moe_verify_cost.py [--moe PKG ...] [--sizes 1 5 16 32 64] [--mass 0.9 0.95] [-r 15]
                                          [--threads 2] [--ppl-windows 4] [--write-docs]
 
-Each configuration is timed -r times, interleaved with the others (so drift spreads evenly); medians.
+Each configuration is timed -r times, in a new random order each round (so drift and the order spread
+evenly), each timed forward after an untimed one of the same configuration; medians.
 --write-docs replaces the "MoE verification cost" section of docs/BENCHMARKS.md (between its markers).
 """
 
@@ -56,14 +57,19 @@ def measure(pkg: str, a) -> dict:
     base = m.cache.offset
     times = {(t, b): [] for t in a.sizes for b, _ in budgets}
     experts = {}
+    configs = [(t, name, bud) for t in a.sizes for name, bud in budgets]
+    rng = np.random.default_rng(0)
     for _ in range(a.reps):
-        for t in a.sizes:
-            for name, bud in budgets:
-                m.cache.offset = base
-                t0 = time.perf_counter()
-                be.forward(ids[CONTEXT:CONTEXT + t], m.cache, expert_budget=bud)
-                times[t, name].append(time.perf_counter() - t0)
-                experts[t, name] = [(s["requested"], s["kept"]) for s in be.moe_stats]
+        for j in rng.permutation(len(configs)):  # a new order each round: no configuration always follows another
+            t, name, bud = configs[j]
+            chunk = ids[CONTEXT:CONTEXT + t]
+            m.cache.offset = base
+            be.forward(chunk, m.cache, expert_budget=bud)  # the first forward after another size runs slow
+            m.cache.offset = base
+            t0 = time.perf_counter()
+            be.forward(chunk, m.cache, expert_budget=bud)
+            times[t, name].append(time.perf_counter() - t0)
+            experts[t, name] = [(s["requested"], s["kept"]) for s in be.moe_stats]
     windows = prompts(m.tokenizer, text, a.ppl_windows, a.ppl_window)
     rows = []
     for t in a.sizes:
@@ -119,11 +125,14 @@ def section(reps: list[dict], command: str, a) -> str:
 
     out = [START, "## MoE verification cost against draft size and expert budget", "", "```sh", command, "```", "",
            f"{sysinfo.describe(sysinfo.machine())}; {a.threads} threads; one forward of T tokens after {CONTEXT} tokens of "
-           f"held-out context, median of {a.reps} interleaved repetitions; perplexity over {a.ppl_windows} held-out "
+           f"held-out context, median of {a.reps} repetitions in random order; perplexity over {a.ppl_windows} held-out "
            f"windows of {a.ppl_window} tokens (the first {PREFILL} unbudgeted), scored in chunks of T with the budget "
            f"applied per chunk. Load average {os.getloadavg()[0]:.2f} at the end of the run.", ""]
     for rep in reps:
         out += [table(rep), "", f"- {verdict(rep)}", ""]
+    if any("moe16" in rep["model"] for rep in reps):
+        out += ["models/tiny-moe16-q4 is the `--preset moe16` model of models/tiny-moe/README.md (16 experts, experts 79% "
+                "of the weights), built locally and not committed.", ""]
     out += ["MoE-Spec's premise is a verification bound by weight reads, whose cost barely grows with the tokens it "
             "checks. On this CPU it grows with them: the ratio column against the one-token step is the cost a wider "
             "draft tree pays before any budget, and a budget only trims the experts' share of it. "
