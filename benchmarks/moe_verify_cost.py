@@ -80,7 +80,7 @@ def measure(pkg: str, a) -> dict:
             req = float(np.mean([r for r, _ in experts[t, name]]))
             kept = float(np.mean([c for _, c in experts[t, name]]))
             mb = weight_bytes_read(m.package, [dict(layer=i, kept=c) for i, (_, c) in zip(layers, experts[t, name])]) / 1e6
-            rows.append(dict(tokens=t, budget=name, ms=ms, ms_per_token=ms / t, vs_none=ms / (ref * 1e3),
+            rows.append(dict(tokens=t, budget=name, ms=ms, vs_none=ms / (ref * 1e3),
                              requested=req, kept=kept, mb=mb,
                              ppl=ppl.get(name), ppl_change=(ppl[name] / ppl["none"] - 1) if ppl else None))
     one = statistics.median(times[min(a.sizes), "none"]) * 1e3

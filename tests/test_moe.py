@@ -511,3 +511,17 @@ def test_missing_expert_is_an_error(moe_checkpoints, tmp_path):
     with pytest.raises(EdgeInferError, match=r"layer 1 has gate_proj for experts \[0, 1, 2\], not all 4"):
         convert(str(src), tmp_path / "out", bits=4, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_cost_benchmark_on_the_trained_moe():
+    """benchmarks/moe_verify_cost.py on the committed tiny MoE: a budget of top_k keeps top_k experts per layer
+    in a multi-token forward, and only the unbudgeted row is its own reference."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe_verify_cost.py"), "--moe", str(ROOT / "models" / "tiny-moe-q4"),
+                        "--sizes", "1", "5", "-r", "1", "--mass", "0.9", "--ppl-windows", "1", "--ppl-window", "64"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
+    assert set(rows) == {(t, b) for t in ("1", "5") for b in ("none", "B=2", "B=4", "mass 0.9")}
+    assert rows["5", "none"][2] == "1.00x" and rows["5", "none"][6] == "+0.00%"
+    assert rows["5", "B=2"][3].endswith("-> 2.00") and float(rows["5", "B=2"][5]) > float(rows["5", "none"][5])
