@@ -90,9 +90,11 @@ def test_profile_sweep_against_a_known_power(tiny_package, tmp_path, capsys, rap
     assert "ESTIMATE" not in stdout
     assert res["idle"]["watts"] == pytest.approx(10.0, rel=0.05)
     assert [s["bits"] for s in res["settings"]] == [4, 8]
+    # 10%: on 2 cores the feeder process can be descheduled for ~0.1 s while the model's threads run, so the
+    # counter read at a window's edge may be that stale (seen once: 9.39 W over a 1.53 s setting)
     for s in res["settings"]:
-        assert s["seconds"] >= 1.5 * 0.9 and s["avg_w"] == pytest.approx(10.0, rel=0.05)
-        assert abs(s["joules_above_idle"]) < 0.05 * s["joules"]
+        assert s["seconds"] >= 1.5 * 0.9 and s["avg_w"] == pytest.approx(10.0, rel=0.1)
+        assert abs(s["joules_above_idle"]) < 0.1 * s["joules"]
         assert s["label"][:20] in stdout
     # per request: 10 W x its time, to within the feeder's own scheduling jitter on a busy machine
     reqs = res["requests"]
