@@ -343,7 +343,7 @@ class Fitness:
     def __init__(self, model, stats, windows: list[list[int]], level: float, kind: str = "kl", dense=None):
         self.model, self.stats, self.windows, self.level, self.kind = model, stats, windows, level, kind
         self.evaluations = 0
-        self.dense = dense if dense is not None or kind != "kl" else dense_logprobs(model, windows)
+        self.dense = dense_logprobs(model, windows) if kind == "kl" and dense is None else dense
 
     def __call__(self, alloc: Allocation | None) -> float:
         return self.plan(build_plan(self.stats, alloc, self.level) if alloc is not None else None)
@@ -504,7 +504,7 @@ def search_evolutionary(spec, fit: Fitness, target: float, method: str, cfg: Sea
     if sens is not None and np.std(sens) > 0:
         z = (sens - sens.mean()) / sens.std()
         pop += [clean(target - a * z, np.ones(L)) for a in SENS_SEEDS]
-    pop = pop[: max(cfg.population, 1)]
+    pop = pop[: cfg.population]
     while len(pop) < cfg.population:
         s = target + rng.normal(0.0, 0.08, L)
         rho = np.where(rng.random(L) < 0.5, 1.0, rng.choice(np.array(RHO_GRID), size=L))
