@@ -436,35 +436,66 @@ def test_series_integration_by_hand():
     assert counter.power == [10.0, 20.0]  # periodic samples only: the mark makes no spike
 
 
-def test_sampler_integral_matches_counter(tmp_path):
-    """A RAPL tree fed at 10 W by a writer thread, with a small range so that it wraps every 0.5 s:
-    the counter and the sampled power agree, and both say 10 W."""
+class _FedClock:
+    """The meters' clock in test_sampler_integral_matches_counter, standing in for RAPL's hardware: the
+    counter file holds the energy at the very moment it is read, on the time stamp the reading gets.
+
+    It was a writer thread putting 10 W x (now - t0) into the file every 5 ms; but the file then held the
+    energy as of the writer's last write, while the reading was stamped when it was read. The counter
+    over [a, b] came out 10 W x (b - a + stale(a) - stale(b)): under load the writer (sharing the GIL
+    and 2 cores with the sampler, and not yet started at all when the first mark was read) was
+    descheduled tens of ms, and 12.76 J came out for 11.998 (76 ms); a sampler descheduled past a
+    0.5 s wrap would have lost 5 J. Here each Meter.read() is one step of virtual time: its first
+    perf_counter() call (t0) writes the counter for the middle of the read, its second (t1) ends the
+    step, so a reading's time and its energy agree exactly however the threads are scheduled, and a
+    wrap (every 10 reads) can never be skipped."""
+
+    def __init__(self, path: Path, watts: float, start_uj: int, range_uj: int, step: float):
+        self.path, self.watts, self.start_uj, self.range_uj, self.step = path, watts, start_uj, range_uj, step
+        self.calls = 0
+        self.uj: list[int] = []  # every value written, in order
+        put(path, start_uj)  # the value RaplMeter opens on: virtual time 0
+
+    def perf_counter(self) -> float:
+        # Only Meter.read() calls it, twice per read, under the meter's lock: t0 = k * step, t1 = t0 + step / 2.
+        k, second = divmod(self.calls, 2)
+        self.calls += 1
+        t = k * self.step + (0.5 * self.step if second else 0.0)
+        if not second:
+            v = int(round(self.start_uj + self.watts * 1e6 * (t + 0.25 * self.step))) % self.range_uj
+            put(self.path, v)
+            self.uj.append(v)
+        return t
+
+    def __getattr__(self, name):  # the rest of the time module
+        return getattr(time, name)
+
+
+def test_sampler_integral_matches_counter(tmp_path, monkeypatch):
+    """A RAPL tree at 10 W, with a small range so that it wraps every 0.5 s (every 10 reads on the meter's
+    virtual clock, _FedClock): the counter and the sampled power agree, and both say 10 W, exactly."""
+    from edgeinfer.energy import base
+
     root = rapl_tree(tmp_path / "powercap", max_range=5_000_000)
     for z in ("intel-rapl:1", "intel-rapl:0:2", "intel-rapl:1:2"):
         subprocess.run(["rm", "-rf", str(root / z)])
-    stop = threading.Event()
-    t0 = time.perf_counter()
-
-    def feed():
-        while not stop.is_set():
-            put(root / "intel-rapl:0" / "energy_uj", int(1_000_000 + 10e6 * (time.perf_counter() - t0)) % 5_000_000)
-            time.sleep(0.005)
-
-    th = threading.Thread(target=feed, daemon=True)
-    th.start()
-    try:
-        m = RaplMeter(root)
-        with PowerSampler(m, interval=0.05) as s:
-            a = s.mark()
-            time.sleep(1.2)
-            b = s.mark()
-        series = s.series()
-    finally:
-        stop.set()
-        th.join()
-    assert series.counter_joules(a, b) == pytest.approx(10 * (b - a), rel=0.05)
-    assert series.power_joules(a, b) == pytest.approx(series.counter_joules(a, b), rel=0.05)
-    assert sorted(series.power)[len(series.power) // 2] == pytest.approx(10.0, rel=0.1)
+    clock = _FedClock(root / "intel-rapl:0" / "energy_uj", watts=10.0, start_uj=1_000_000, range_uj=5_000_000, step=0.05)
+    m = RaplMeter(root)
+    monkeypatch.setattr(base, "time", clock)
+    with PowerSampler(m, interval=0.01) as s:
+        a = s.mark()
+        deadline = time.monotonic() + 60
+        while sum(not r.mark for r in s.series().readings) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b = s.mark()
+    series = s.series()
+    assert sum(not r.mark for r in series.readings) >= 40, "the sampler read fewer than 40 times in 60 s"
+    assert sum(y < x for x, y in zip(clock.uj, clock.uj[1:])) >= 3  # the counter wrapped, more than once
+    assert b - a >= 40 * clock.step
+    assert series.counter_joules(a, b) == pytest.approx(10 * (b - a), abs=1e-5)
+    assert series.power_joules(a, b) == pytest.approx(series.counter_joules(a, b), abs=1e-5)
+    assert series.power == pytest.approx([10.0] * len(series.power), abs=1e-3)
+    assert all(series.avg_watts(x.t, y.t) == pytest.approx(10.0, abs=1e-3) for x, y in zip(series.readings, series.readings[1:]) if y.t > x.t)
 
 
 # -- registry and CLI ------------------------------------------------------------------------------------
