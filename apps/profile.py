@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from edgeinfer.cliargs import real, whole
 from edgeinfer.errors import EdgeInferError
 
 _CHAT_PROMPTS = [
@@ -116,21 +117,21 @@ def add_profile_parser(sub) -> None:
                    help="accuracy task: JSON lines {prompt, answer} (answer: a string or a list of accepted strings; "
                         "correct when the answer contains one) or the built-in 'facts'; adds accuracy, IPW and IPJ")
     p.add_argument("--meter", default="auto", metavar="auto|NAME", help="energy meter (default auto)")
-    p.add_argument("--duration", type=float, default=None, metavar="S",
+    p.add_argument("--duration", type=real(0, lo_open=True), default=None, metavar="S",
                    help="measure at least S seconds per setting, repeating the prompts (default: one pass; "
                         "MLPerf Power asks for 60 s or more)")
-    p.add_argument("--idle", type=float, default=5.0, metavar="S", help="seconds of idle power measured first (default 5)")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per answer at most (default: the workload's)")
+    p.add_argument("--idle", type=real(0), default=5.0, metavar="S", help="seconds of idle power measured first (default 5)")
+    p.add_argument("--max-tokens", type=whole(1), default=None, help="tokens per answer at most (default: the workload's)")
     p.add_argument("--backend", default="auto", help="backend when not swept (default auto)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads when not swept (ONNX backend)")
-    p.add_argument("--sparsity", type=float, default=0.0, metavar="LEVEL",
+    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads when not swept (ONNX backend)")
+    p.add_argument("--sparsity", type=real(0, 1, hi_open=True), default=0.0, metavar="LEVEL",
                    help="R-Sparse level the package holds a plan for (edgeinfer sparsify); default 0: dense")
     p.add_argument("--sweep", action="append", default=[], metavar="AXIS=V1,V2",
                    help="compare settings along an axis: backend or threads (see below)")
     p.add_argument("--battery", action="store_true", help="estimate answers per full charge from the battery's discharge")
-    p.add_argument("--battery-wh", type=float, default=None, metavar="WH",
+    p.add_argument("--battery-wh", type=real(0, lo_open=True), default=None, metavar="WH",
                    help="battery capacity in watt-hours for the answers-per-charge figure (default: the battery's own)")
-    p.add_argument("--interval", type=float, default=None, metavar="S", help="sampling interval (default: the meter's)")
+    p.add_argument("--interval", type=real(0, lo_open=True), default=None, metavar="S", help="sampling interval (default: the meter's)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: profile-YYYYMMDD-HHMMSS)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
 

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 
+from edgeinfer.cliargs import real, size, whole
 from edgeinfer.errors import EdgeInferError
 
 EPILOG = """examples:
@@ -33,13 +34,13 @@ def add_scenario_parser(sub) -> None:
                                     "write the job records, scores, timeline and HTML report.",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("scenario", metavar="NAME|FILE", help="a built-in scenario (see `edgeinfer scenario list`) or a .toml file")
-    r.add_argument("--duration", type=float, default=None, metavar="S",
+    r.add_argument("--duration", type=real(0, lo_open=True), default=None, metavar="S",
                    help="seconds of arrivals (default: the file's `duration`); jobs already arrived then finish or drop")
-    r.add_argument("--seed", type=int, default=None, help="seed of the cascades' draws and the inputs (default: the file's)")
+    r.add_argument("--seed", type=whole(0), default=None, help="seed of the cascades' draws and the inputs (default: the file's)")
     r.add_argument("--meter", default=None, metavar="auto|none|NAME",
                    help="energy meter for the whole chip, split among jobs by active time (see `edgeinfer meters`; "
                         "default: the file's `meter`, else auto)")
-    r.add_argument("--memory-budget", default=None, metavar="SIZE",
+    r.add_argument("--memory-budget", type=size, default=None, metavar="SIZE",
                    help="memory all models share, e.g. 1.5GB, 800MiB or 60%%; the run is refused before loading if "
                         "their sum does not fit (default: what the device has available, less headroom)")
     r.add_argument("--out", default=None, metavar="DIR",

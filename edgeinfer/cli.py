@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from . import __version__
+from .cliargs import Parser, real, size, whole
 from .errors import EdgeInferError
 
 EPILOG = """examples:
@@ -29,16 +30,16 @@ def _add_model(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "mlx", "onnx"],
                    help="runtime backend: auto (MLX on Apple Silicon, ONNX Runtime elsewhere when the package has a graph), "
                         "mlx or onnx (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of the ONNX backend (default: one per core)")
+    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads of the ONNX backend (default: one per core)")
 
 
 def _add_memory(p: argparse.ArgumentParser) -> None:
     """--memory-budget, --context and --kv-overflow: the memory planner's inputs (edgeinfer.memory)."""
     g = p.add_argument_group("memory")
-    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+    g.add_argument("--memory-budget", type=size, default=None, metavar="SIZE",
                    help="memory the model may use, e.g. 1.5GB, 800MiB or 60%% (of the machine's memory); default: what the "
                         "device has available, less headroom for the OS")
-    g.add_argument("--context", type=int, default=None, metavar="N",
+    g.add_argument("--context", type=whole(2), default=None, metavar="N",
                    help="context tokens to plan for (default: the model's maximum, shortened when it does not fit)")
     g.add_argument("--kv-overflow", choices=["refuse", "rotate"], default="refuse",
                    help="when the context is full: refuse (stop, with a clear message; default) or rotate (forget the oldest tokens)")
@@ -51,31 +52,33 @@ def _memory(a) -> dict:
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
-    g.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default 0)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0: off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability (default 0)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty for recently seen tokens (default 1: off)")
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--max-tokens", type=whole(1), default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
+    g.add_argument("--temp", type=real(0), default=0.0, help="temperature; 0 is greedy (default 0)")
+    g.add_argument("--top-p", type=real(0, 1, lo_open=True), default=1.0, help="nucleus sampling mass (default 1: off)")
+    g.add_argument("--top-k", type=whole(0), default=0, help="keep the k most likely tokens (default 0: off)")
+    g.add_argument("--min-p", type=real(0, 1, hi_open=True), default=0.0, help="drop tokens below min-p times the top probability (default 0)")
+    g.add_argument("--repetition-penalty", type=real(0, lo_open=True), default=1.0, help="penalty for recently seen tokens (default 1: off)")
+    g.add_argument("--seed", type=whole(0), default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when TEXT appears (repeatable)")
 
 
 def _add_sparsity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sparsity", type=float, default=0.0, metavar="LEVEL",
+    p.add_argument("--sparsity", type=real(0, 1, hi_open=True), default=0.0, metavar="LEVEL",
                    help="R-Sparse activation sparsity: a level the package holds a plan for (made by `edgeinfer sparsify`; "
                         "the manifest's sparsity.levels lists them), e.g. 0.5; one-token decode steps run sparse, prefill "
                         "dense (default 0: dense)")
 
 
 def _add_speculative(p: argparse.ArgumentParser) -> None:
+    from .speculative import MAX_DRAFT
+
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft", default=None, metavar="PKG|ngram",
                    help="draft tokens cheaply and verify them with the model in one pass: a smaller package with the same "
                         "tokenizer (folder or catalog name), or ngram (prompt lookup: continue earlier occurrences of the "
                         "last tokens; good for code, edits, quoting). Greedy output is unchanged; sampling keeps the "
                         "model's distribution")
-    g.add_argument("--num-draft", type=int, default=4, metavar="N",
+    g.add_argument("--num-draft", type=whole(1, MAX_DRAFT), default=4, metavar="N",
                    help="tokens drafted per step at most, as a chain; the length adapts: 2 more after a draft accepted "
                         "whole, 1 fewer otherwise (default 4)")
     g.add_argument("--tree", default=None, metavar="WxD",
@@ -86,16 +89,16 @@ def _add_speculative(p: argparse.ArgumentParser) -> None:
 def _add_moe(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mixture of experts (MoE models only)")
     b = g.add_mutually_exclusive_group()
-    b.add_argument("--expert-budget", type=int, default=None, metavar="B",
+    b.add_argument("--expert-budget", type=whole(1), default=None, metavar="B",
                    help="MoE-Spec: when verifying speculative drafts (--draft), run at most B distinct experts per MoE layer "
                         "(those with the most summed routing probability over the drafted tokens); B >= the model's top-k; "
                         "prefill and plain decoding are never capped")
-    b.add_argument("--expert-mass", type=float, default=None, metavar="F",
+    b.add_argument("--expert-mass", type=real(0, 1, lo_open=True), default=None, metavar="F",
                    help="like --expert-budget, but keep the fewest experts holding a share F (0 < F <= 1) of the routing mass")
     g.add_argument("--budget-policy", choices=["substitute", "truncate"], default="substitute",
                    help="a token whose experts were cut: substitute (re-pick its top-k among the kept experts) or truncate "
                         "(drop the cut ones) (default substitute)")
-    g.add_argument("--moe-top-k", type=int, default=None, metavar="K",
+    g.add_argument("--moe-top-k", type=whole(1), default=None, metavar="K",
                    help="experts per token for every forward, instead of the model's own top-k (\"dial k\": fewer is faster, "
                         "less exact)")
 
@@ -158,7 +161,7 @@ def _sampling(a) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="edgeinfer", description="Run language models well on the machine in front of you.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -241,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     esub.required = True
     pp = esub.add_parser("ppl", help="perplexity over non-overlapping token windows of a text file")
     pp.add_argument("--data", required=True, help="UTF-8 text file (e.g. wikitext-2 raw test)")
-    pp.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    pp.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    pp.add_argument("--window", type=whole(2), default=512, help="tokens per window (default 512)")
+    pp.add_argument("--max-windows", type=whole(1), default=None, help="evaluate only the first N windows")
     pp.add_argument("--spread", action="store_true",
                     help="with --max-windows: take the N windows evenly spaced over the whole text, not the first N")
     pp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -253,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the dense text (teacher-forced, decode steps sparse), and the tokens until the free "
                                      "sparse generation first differs.")
     pg.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one per line (default: 8 built-in prompts)")
-    pg.add_argument("--max-tokens", type=int, default=48, help="tokens per continuation (default 48)")
+    pg.add_argument("--max-tokens", type=whole(1), default=48, help="tokens per continuation (default 48)")
     pg.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no texts (the figures only)")
 
     p = sub.add_parser("bench", help="prefill and decode speed, like llama-bench",
@@ -262,12 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the share of the memory-bandwidth roofline (bandwidth measured in the same run), "
                                    "the machine and versions.")
     p.add_argument("-m", "--model", default=None, help="package folder or catalog name (default: the catalog's default model)")
-    p.add_argument("-p", type=int, default=512, metavar="N", help="prompt tokens of the prefill test (default 512)")
-    p.add_argument("-n", type=int, default=128, metavar="N", help="decode steps of the generation test (default 128)")
-    p.add_argument("-r", type=int, default=5, metavar="N", help="repetitions (default 5)")
+    p.add_argument("-p", type=whole(1), default=512, metavar="N", help="prompt tokens of the prefill test (default 512)")
+    p.add_argument("-n", type=whole(1), default=128, metavar="N", help="decode steps of the generation test (default 128)")
+    p.add_argument("-r", type=whole(1), default=5, metavar="N", help="repetitions (default 5)")
     p.add_argument("--backend", default="auto", help="backend, or several separated by commas: auto, mlx, onnx (default auto)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for backends that take a count (default: theirs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
+    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads for backends that take a count (default: theirs)")
+    p.add_argument("--seed", type=whole(0), default=0, help="seed of the random token ids (default 0)")
     p.add_argument("--no-warmup", action="store_true", help="count the first run too")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_sparsity(p)
@@ -286,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "afterwards. Calibration text is generated by the model itself from fixed seed prompts "
                                    "(or --calib FILE); never calibrate on the text you evaluate on.")
     p.add_argument("package", metavar="PKG", help="package folder or catalog name")
-    p.add_argument("--sparsity", type=float, nargs="+", required=True, metavar="LEVEL",
+    p.add_argument("--sparsity", type=real(0, 1, lo_open=True, hi_open=True), nargs="+", required=True, metavar="LEVEL",
                    help="model-level sparsity (share of the seven projections' weights not read per token), one or more, "
                         "e.g. 0.4 0.5 0.6")
     p.add_argument("--method", choices=["rsparse", "teal"], default="rsparse",
@@ -298,15 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: evolutionary for rsparse, uniform for teal)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--calib", default=None, metavar="FILE", help="calibration text (UTF-8) instead of generated text")
-    g.add_argument("--calib-generate", type=int, default=2048, metavar="N",
+    g.add_argument("--calib-generate", type=whole(1), default=2048, metavar="N",
                    help="tokens of calibration text the model generates from built-in seed prompts (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated text and of the search (default 0)")
+    p.add_argument("--seed", type=whole(0), default=0, help="seed of the generated text and of the search (default 0)")
     s = p.add_argument_group("evolutionary search", "The paper searches with 16 samples, a population of about 32 and "
                              "about 5 generations; the defaults (12 x 4, 8 windows: 42 evaluations of 1024 tokens) take "
                              "about 5 minutes per level for SmolLM2-135M on 2 CPU cores.")
-    s.add_argument("--population", type=int, default=12, help="candidates per generation (default 12)")
-    s.add_argument("--generations", type=int, default=4, help="generations (default 4)")
-    s.add_argument("--fitness-windows", type=int, default=8,
+    s.add_argument("--population", type=whole(2), default=12, help="candidates per generation (default 12)")
+    s.add_argument("--generations", type=whole(1), default=4, help="generations (default 4)")
+    s.add_argument("--fitness-windows", type=whole(1), default=8,
                    help="calibration windows of 128 tokens the fitness is measured on (default 8)")
     s.add_argument("--fitness", choices=["kl", "ppl"], default="kl",
                    help="what the search minimizes on those windows: kl, the mean KL divergence of the sparse model's "
@@ -501,8 +504,8 @@ def cmd_scenario(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    a = ap.parse_args(argv)
     try:
+        a = ap.parse_args(argv)  # a bad flag: a UsageError, printed below like every other error
         return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
                 "models": cmd_models, "plan": cmd_plan, "bench": cmd_bench,
                 "meters": cmd_meters, "profile": cmd_profile, "sparsify": cmd_sparsify,

@@ -325,9 +325,9 @@ def test_piped_one_answer_per_line_and_flags(tiny):
         assert " ".join(expect.split()) == a
         msgs.append({"role": "assistant", "content": expect})
     r = run("--temp", "-1")
-    assert r.returncode == 2 and r.stderr == "edgeinfer: --temp must be >= 0, not -1.0\n" and r.stdout == ""
+    assert r.returncode == 2 and r.stderr == "edgeinfer: --temp must be at least 0, not -1\n" and r.stdout == ""
     r = run("--max-tokens", "0")
-    assert r.returncode == 2 and r.stderr == "edgeinfer: --max-tokens must be >= 1, not 0\n"
+    assert r.returncode == 2 and r.stderr == "edgeinfer: --max-tokens must be at least 1, not 0\n"
     r = run("--max-tokens", "4", input="x" * 400 + "\n")
     assert r.returncode == 2 and "the model's context holds 256" in r.stderr and r.stderr.count("\n") == 1
 

@@ -299,7 +299,7 @@ def test_bad_plans_give_one_line(tiny_pkg, tiny_package, calib_file, tmp_path):
 
 def test_sparsify_bad_arguments_leave_package_unchanged(tiny_pkg, calib_file):
     before = folder_hash(tiny_pkg)
-    one_line_error(run_cli("sparsify", tiny_pkg, "--sparsity", "1.2", "--calib", calib_file), "level")
+    one_line_error(run_cli("sparsify", tiny_pkg, "--sparsity", "1.2", "--calib", calib_file), "--sparsity must be in (0, 1), not 1.2")
     one_line_error(run_cli("sparsify", tiny_pkg, "--sparsity", "0.5", "--calib", calib_file.parent / "nope.txt"), "nope.txt")
     r = run_cli("sparsify", tiny_pkg, "--sparsity", "0.5", "--calib", calib_file, "--fitness", "bogus")
     assert r.returncode == 2 and "argument --fitness: invalid choice" in r.stderr
