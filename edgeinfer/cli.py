@@ -356,7 +356,8 @@ def cmd_plan(a) -> int:
     m = _memory(a)
     plan = plan_memory(pkg, budget=m["memory_budget"], context=m["context"], kv_overflow=m["kv_overflow"],
                        backend=choose_backend(pkg, a.backend))
-    print(json.dumps(plan.to_dict(), indent=1) if a.json else plan.explain())
+    # a refusal is said once, on stderr (below); stdout has the plan it is the total of
+    print(json.dumps(plan.to_dict(), indent=1) if a.json else plan.explain(verdict=False))
     if not plan.fits:
         raise EdgeInferError(plan.refusal())
     return 0

@@ -319,6 +319,7 @@ class MemoryPlan:
     kv_bytes_per_token: int
     bytes_read_per_token: int
     min_budget_bytes: int
+    min_budget_config: str = ""  # what min_budget_bytes is the total of (when it does not fit: the plan shown)
     terms: list[Term] = field(default_factory=list)
     choices: list[str] = field(default_factory=list)
     experts_note: str = "MoE experts: none (a dense model)"
@@ -343,8 +344,11 @@ class MemoryPlan:
 
         return asdict(self)
 
-    def explain(self) -> str:
-        lines = [f"memory plan for {self.package} on {self.backend}",
+    def explain(self, verdict: bool = True) -> str:
+        """The plan, term by term, and what was chosen; with ``verdict``, a last line saying whether it fits
+        (``edgeinfer plan`` leaves a refusal out of it and prints that on stderr, once)."""
+        lines = [f"memory plan for {self.package} on {self.backend}"
+                 + ("" if self.fits else " (the smallest configuration; it does not fit)"),
                  f"  budget {fmt_bytes(self.budget_bytes)} ({self.budget_source})"]
         w = max(len(t.name) for t in self.terms) if self.terms else 8
         for t in self.terms:
@@ -357,14 +361,13 @@ class MemoryPlan:
         if self.fits:
             lines.append(f"fits: {fmt_bytes(self.total_bytes)} of {fmt_bytes(self.budget_bytes)} "
                          f"({100 * self.total_bytes / max(self.budget_bytes, 1):.0f}%)")
-        else:
+        elif verdict:
             lines.append(self.refusal())
         return "\n".join(lines)
 
     def refusal(self) -> str:
         return (f"{self.package} does not fit in {fmt_bytes(self.budget_bytes)}: the smallest budget that works is "
-                f"{fmt_bytes(self.min_budget_bytes)} ({self.min_budget_bytes} bytes: quantized weights, fp16 KV cache, "
-                f"{self.context_tokens} tokens of context, every layer read from disk at each step)"
+                f"{fmt_bytes(self.min_budget_bytes)} ({self.min_budget_bytes} bytes), with {self.min_budget_config}"
                 + ("; ONNX Runtime holds every expert in memory, the expert cache needs --backend mlx"
                    if self.backend == "onnx" and "per MoE layer" in self.experts_note else ""))
 
@@ -551,8 +554,9 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
             if total(t) <= budget_bytes:
                 found = (False if dequantize is None else dequantize, kvd3, ctx3, k, t)
                 break
-    smallest = total(estimate(False if dequantize is None and backend == "mlx" else deq3, kvd3, ctx3,
-                              0 if (backend == "mlx" and resident_layers is None) else k_all))
+    small = (False if dequantize is None and backend == "mlx" else deq3, kvd3, ctx3,
+             0 if (backend == "mlx" and resident_layers is None) else k_all)
+    smallest = total(estimate(*small))
     fits = found is not None
     if not found:
         found = (deq3, kvd3, ctx3, 0 if (backend == "mlx" and resident_layers is None) else k_all,
@@ -589,9 +593,20 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
         resident_layers=int(k), num_layers=n, weight_file_bytes=file_bytes, kv_bytes_per_token=per_tok,
         bytes_read_per_token=(sum(layer_parts[i].stored for i in range(k, n))
                               + sum(top_k * expert_parts[i].stored // E for i in range(k) if ecap and i in expert_parts)) if backend == "mlx" else 0,
-        min_budget_bytes=int(smallest), terms=terms, choices=choices, experts_note=_experts_note(package, ecap if backend == "mlx" else None),
+        min_budget_bytes=int(smallest), min_budget_config=_configuration(backend, *small, n, compute_dtype, quantized_pkg),
+        terms=terms, choices=choices, experts_note=_experts_note(package, ecap if backend == "mlx" else None),
         sparse_note=sparse_note, expert_cache=int(ecap or 0) if backend == "mlx" else 0,
     )
+
+
+def _configuration(backend: str, deq: bool, kvd: str, ctx: int, k: int, n: int, compute_dtype: str, quantized: bool) -> str:
+    """The configuration an estimate was made for, in words (the refusal's smallest budget names it)."""
+    if backend == "onnx":
+        return f"the ONNX graph's weights all in memory, a float32 KV cache and {ctx} tokens of context (ONNX Runtime)"
+    weights = (f"weights dequantized to {compute_dtype}" if deq else "quantized weights") if quantized else f"{compute_dtype} weights"
+    layers = ("every layer read from disk at each step" if k == 0 else f"all {n} layers in memory" if k >= n
+              else f"{k} of {n} layers in memory, the others read from disk at each step")
+    return f"{weights}, a {kvd} KV cache, {ctx} tokens of context and {layers} (MLX)"
 
 
 PLAN_KEYS = ("memory_budget", "context", "kv_overflow", "prefill_chunk")

@@ -130,6 +130,38 @@ def test_budget_too_small_is_refused(tmp_path, smol):
     assert out.stderr.strip().count("\n") == 0 and "smallest budget that works" in out.stderr
 
 
+def test_plan_refusal_is_said_once_and_names_its_configuration(smol):
+    """`plan` said its does-not-fit sentence on stdout and stderr, and named "quantized weights, fp16 KV cache,
+    every layer read from disk" whatever the configuration (ONNX: fp32 KV, every weight in memory)."""
+    configs = {"mlx": "with quantized weights, a float16 KV cache, 256 tokens of context and every layer read from disk "
+                      "at each step (MLX)",
+               "onnx": "with the ONNX graph's weights all in memory, a float32 KV cache and 256 tokens of context (ONNX Runtime)"}
+    for backend, config in configs.items():
+        out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "plan", "-m", str(smol), "--backend", backend,
+                              "--memory-budget", "20MB"], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+        assert out.returncode == 2
+        err = out.stderr
+        assert err.count("\n") == 1 and err.startswith("edgeinfer: ") and err.rstrip().endswith(config), err
+        assert "does not fit in" not in out.stdout and "smallest budget" not in out.stdout
+        assert out.stdout.startswith(f"memory plan for {smol} on {backend} (the smallest configuration; it does not fit)")
+        # the smallest budget is the total of the plan shown
+        total = next(ln.split()[1:3] for ln in out.stdout.splitlines() if ln.strip().startswith("total "))
+        assert f"the smallest budget that works is {' '.join(total)} (" in err
+    pkg = open_package(smol)
+    for backend in configs:
+        p = plan_memory(pkg, "20MB", backend=backend)
+        assert not p.fits and p.min_budget_bytes == p.total_bytes and p.to_dict()["min_budget_config"] in configs[backend]
+        assert p.explain().endswith(p.refusal()) and p.refusal() not in p.explain(verdict=False)
+    # options fixed by the caller are what the smallest budget is for
+    p = plan_memory(pkg, "20MB", backend="mlx", kv_dtype="float32", resident_layers=30, dequantize=True)
+    assert not p.fits and p.min_budget_bytes == p.total_bytes
+    assert p.refusal().endswith("with weights dequantized to float32, a float32 KV cache, 256 tokens of context and "
+                                "all 30 layers in memory (MLX)")
+    p = plan_memory(pkg, "20MB", backend="mlx", context=1024, resident_layers=10)
+    assert p.refusal().endswith("with quantized weights, a float16 KV cache, 1024 tokens of context and 10 of 30 layers "
+                                "in memory, the others read from disk at each step (MLX)")
+
+
 def test_plan_command_explains(tmp_path, smol):
     out = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "plan", "-m", str(smol), "--backend", "mlx", "--memory-budget", "2GB",
                           "--context", "4096"], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
