@@ -53,7 +53,7 @@ $(VPY):
 	    exit 1; \
 	  fi; }
 
-$(VENV)/.stamp-runtime: pyproject.toml | $(VPY)
+$(VENV)/.stamp-runtime: pyproject.toml setup.py edgeinfer/native/decode.c | $(VPY)
 	@$(MAKE) --no-print-directory openblas
 	@echo "installing edgeinfer and its runtime dependencies into $(VENV)"
 	@$(VPY) -m pip install -q --upgrade pip
@@ -109,10 +109,16 @@ test-tools:
 	$(call apt_tool,espeak-ng,espeak-ng,the espeak-ng speech-input test; scenarios then speak from committed clips)
 
 # The side-by-side benchmark (issue 3): peers are an optional extra, never runtime dependencies.
+# llama.cpp is built without -march=native (a native build segfaulted in eval on an AMX Xeon), with the
+# x86 SIMD levels this CPU reports switched on explicitly; other architectures take ggml's defaults.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF $(if $(filter avx2,$(CPU_FLAGS)),-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON) \
+  $(if $(filter avx512f,$(CPU_FLAGS)),-DGGML_AVX512=ON) $(if $(filter avx512_vnni,$(CPU_FLAGS)),-DGGML_AVX512_VNNI=ON) \
+  $(if $(filter avx_vnni,$(CPU_FLAGS)),-DGGML_AVX_VNNI=ON)
 # Writes its section of docs/BENCHMARKS.md; ARGS='-r 5 --threads 2' etc. are passed to the script.
 $(VENV)/.stamp-peers: pyproject.toml $(VENV)/.stamp-runtime
-	@echo "installing the benchmark peers into $(VENV) (llama-cpp-python compiles llama.cpp: minutes)"
-	@$(VPY) -m pip install -q -e '.[peers]'
+	@echo "installing the benchmark peers into $(VENV) (llama-cpp-python compiles llama.cpp: minutes; $(LLAMA_CMAKE_ARGS))"
+	@CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VPY) -m pip install -q -e '.[peers]'
 	@touch $@
 
 bench-peers: $(VENV)/.stamp-peers

@@ -259,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--max-tokens", type=whole(1), default=48, help="tokens per continuation (default 48)")
     pg.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no texts (the figures only)")
 
+    pa = esub.add_parser("agree", help="greedy chat answers against the exact model (MLX), teacher-forced",
+                         description="Greedy answers of the model as loaded (--backend) to each prompt, checked against "
+                                     "the exact model on MLX with one prefill over prompt + answer: equal when the exact "
+                                     "model's argmax is the answer's token at every position. For each disagreement, the "
+                                     "exact model's logit margin at the first differing token (a near-tie is a small one).")
+    pa.add_argument("--prompts", default=None, metavar="FILE",
+                    help="prompts, one per line (default: the 52 chat prompts of tests/data/chat_prompts.txt)")
+    pa.add_argument("--max-tokens", type=whole(1), default=32, help="tokens per answer (default 32)")
+    pa.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no per-prompt lines")
+
     p = sub.add_parser("bench", help="prefill and decode speed, like llama-bench",
                        description="Prefill (ppP) and decode (tgN) tokens/s as mean and standard deviation over -r "
                                    "repetitions, after a warm-up; random token ids (no tokenization); TTFT, peak memory, "
@@ -427,6 +437,8 @@ def cmd_eval(a) -> int:
 
     if a.task == "gen":
         return cmd_eval_gen(a)
+    if a.task == "agree":
+        return cmd_eval_agree(a)
     text = read_text(a.data)
     if a.sparsity and a.backend == "auto":
         a.backend = "mlx"  # sparse perplexity needs the all-positions mode, which the MLX backend has
@@ -459,6 +471,32 @@ def cmd_eval_gen(a) -> int:
             print(f"### {s['prompt']}\n--- dense\n{s['dense']}\n--- sparsity {m.sparsity:.2f}\n{s['sparse']}\n")
     print(f"greedy agreement with dense at sparsity {m.sparsity:.2f}: {r['agreement']:.3f} of {r['tokens']} tokens "
           f"(teacher-forced); free generation matches dense for {r['mean_prefix']:.1f} tokens on average")
+    return 0
+
+
+def cmd_eval_agree(a) -> int:
+    from pathlib import Path
+
+    from .evaluate import greedy_agreement, read_text
+    from .model import Model
+
+    path = a.prompts or Path(__file__).resolve().parent.parent / "tests" / "data" / "chat_prompts.txt"
+    prompts = [x for x in read_text(path).splitlines() if x.strip()]
+    if not prompts:
+        raise EdgeInferError(f"{path} has no prompts (one per line)")
+    m = _load(a)
+    ref = Model(m.package.path, backend="mlx")
+    r = greedy_agreement(m, ref, prompts, max_tokens=a.max_tokens, progress=not a.quiet)
+    if a.json:
+        print(json.dumps({"model": str(m.package.path), "backend": m.backend_name, **r}))
+        return 0
+    if not a.quiet:
+        for row in r["rows"]:
+            extra = "" if row["equal"] else (f"  differs at token {row['first_difference']}: {row['model_token']!r} "
+                                             f"for {row['exact_token']!r}, margin {row['margin']:.3f}")
+            print(f"{'=' if row['equal'] else '!'} {row['prompt']}{extra}")
+    print(f"{r['equal']} of {r['prompts']} greedy answers ({a.max_tokens} tokens) equal the exact model's on "
+          f"{m.backend_name}; largest margin of a disagreement {r['max_margin']:.3f}")
     return 0
 
 

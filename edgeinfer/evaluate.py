@@ -149,3 +149,36 @@ def generation_check(model, prompts: list[str], max_tokens: int = 48, progress: 
                         "agreement": match / max(1, len(dense)), "prefix": prefix})
     return {"agreement": agree / max(1, total), "tokens": total,
             "mean_prefix": sum(s["prefix"] for s in samples) / max(1, len(samples)), "samples": samples}
+
+
+def greedy_agreement(model, reference, prompts: list[str], max_tokens: int = 32, progress: bool = True) -> dict:
+    """Greedy chat answers of ``model`` checked against the exact ``reference`` (a model on MLX, or ORT at
+    accuracy level 1), teacher-forced: one reference prefill over prompt + answer gives the exact model's
+    logits at every answer position, and the answers are equal exactly when the reference's argmax is the
+    model's token at each of them (greedy decoding is then the same, step by step). At the first position
+    where they differ, ``margin`` is the reference's logit of its own choice minus that of the model's
+    token: how near a tie the model turned the other way."""
+    import numpy as np
+
+    from .model import GenerationConfig
+    from .sampling import SamplingParams
+
+    tok = model.tokenizer
+    cfg = GenerationConfig(max_tokens=max_tokens, sampling=SamplingParams())
+    rows = []
+    for prompt in tqdm(prompts, desc="greedy agreement", unit="prompt", disable=None if progress else True, file=sys.stderr):
+        ids = tok.encode_chat([{"role": "user", "content": prompt}]) if tok.chat_template else tok.encode(prompt)
+        model.reset()
+        answer = list(model.stream_ids(ids, cfg))
+        logits = np.asarray(reference.logits(ids + answer))[len(ids) - 1: len(ids) - 1 + len(answer)]
+        exact = logits.argmax(-1)
+        diff = np.nonzero(exact != np.asarray(answer))[0]
+        row = {"prompt": prompt, "answer": tok.decode(answer), "tokens": len(answer), "equal": not len(diff)}
+        if len(diff):
+            t = int(diff[0])
+            row.update(first_difference=t, margin=float(logits[t, exact[t]] - logits[t, answer[t]]),
+                       exact_token=tok.decode([int(exact[t])]), model_token=tok.decode([answer[t]]))
+        rows.append(row)
+    equal = sum(r["equal"] for r in rows)
+    margins = [r["margin"] for r in rows if not r["equal"]]
+    return {"prompts": len(rows), "equal": equal, "max_margin": max(margins, default=0.0), "rows": rows}

@@ -389,3 +389,25 @@ def gemma3_package(gemma3_gguf, tmp_path_factory) -> Path:
 
     template = load_catalog()["models"]["gemma3-270m"].get("chat_template")
     return convert(str(gemma3_gguf), tmp_path_factory.mktemp("real") / "gemma3", progress=False, chat_template=template)
+
+
+@pytest.fixture(scope="session")
+def onnx_package(tiny_package, tmp_path_factory):
+    """onnx_package(arch, bits, group, level) -> a copy of the tiny package with a graph at that level."""
+    root = tmp_path_factory.mktemp("onnx")
+    cache: dict = {}
+
+    def get(arch: str, bits: int = 4, group: int = 32, level: int = 1):
+        import shutil
+
+        from edgeinfer.converters.onnx_export import add_onnx_graph
+
+        key = (arch, bits, group, level)
+        if key not in cache:
+            dst = root / f"{arch}-b{bits}-g{group}-a{level}"
+            shutil.copytree(tiny_package(arch, bits, group), dst)
+            add_onnx_graph(dst, accuracy_level=level, progress=False)
+            cache[key] = dst
+        return cache[key]
+
+    return get

@@ -29,24 +29,6 @@ PROMPT = list(b"The quick brown fox jumps over the lazy dog; 0123456789!")[:40]
 EXACT_ATOL = 2e-4
 
 
-@pytest.fixture(scope="session")
-def onnx_package(tiny_package, tmp_path_factory):
-    """onnx_package(arch, bits, group, level) -> a copy of the tiny package with a graph at that level."""
-    root = tmp_path_factory.mktemp("onnx")
-    cache: dict = {}
-
-    def get(arch: str, bits: int = 4, group: int = 32, level: int = 1):
-        key = (arch, bits, group, level)
-        if key not in cache:
-            dst = root / f"{arch}-b{bits}-g{group}-a{level}"
-            shutil.copytree(tiny_package(arch, bits, group), dst)
-            add_onnx_graph(dst, accuracy_level=level, progress=False)
-            cache[key] = dst
-        return cache[key]
-
-    return get
-
-
 def _without_graph(src, dst):
     """A copy of a package as converted with --backend mlx: no graph, and none in its manifest."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx*"))
@@ -57,8 +39,8 @@ def _without_graph(src, dst):
     return dst
 
 
-def _pair(path):
-    return edgeinfer.load(path, backend="mlx"), edgeinfer.load(path, backend="onnx", threads=1)
+def _pair(path, **opts):
+    return edgeinfer.load(path, backend="mlx"), edgeinfer.load(path, backend="onnx", threads=1, **opts)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -99,7 +81,7 @@ def test_sliding_window_and_chunked_prefill(onnx_package, arch):
     decoding past the KV buffer's growth step: the ONNX cache must equal one full forward pass."""
     from edgeinfer.backends.onnx_backend import ONNXCache
 
-    _, ort = _pair(onnx_package(arch, 8, 64))
+    _, ort = _pair(onnx_package(arch, 8, 64), decode="graph")  # the graph's own steps (tests/test_native.py: the native ones)
     full = ort.logits(PROMPT)
     cache = ort.backend.new_cache()
     cache.step = 16  # force buffer growth (a copy) in the middle of the sequence
@@ -177,18 +159,23 @@ def test_int8_check_falls_back_to_the_exact_graph(tiny_package, tmp_path, monkey
     onnx = json.loads((pkg / "manifest.json").read_text())["onnx"]
     assert onnx["accuracy_level"] == 1 and onnx["int8_check"]["max_kl"] == -1.0
     assert "wrote the exact ONNX graph" in capsys.readouterr().err
-    assert edgeinfer.load(pkg).backend_name == "mlx"
-    if not is_apple_silicon():
-        assert "exact (float) one" in capsys.readouterr().err
+    # the exact graph prefills and the native step decodes: still the exact model, so auto keeps ONNX
+    assert edgeinfer.load(pkg).backend_name == ("mlx" if is_apple_silicon() else "onnx")
 
 
 # -- choosing a backend, and the bad inputs --------------------------------------------------------
-def test_auto_prefers_onnx_off_apple_silicon_and_falls_back_with_a_notice(onnx_package, tiny_package, tmp_path, capsys):
+def test_auto_prefers_onnx_off_apple_silicon_and_falls_back_with_a_notice(onnx_package, tiny_package, tmp_path, capsys,
+                                                                        monkeypatch):
     from edgeinfer.backends import is_apple_silicon
 
     m = edgeinfer.load(onnx_package("llama", level=4))
     assert m.backend_name == ("mlx" if is_apple_silicon() else "onnx")
-    assert edgeinfer.load(onnx_package("llama", level=1)).backend_name == "mlx"  # the exact graph is slower than MLX
+    assert edgeinfer.load(onnx_package("llama", level=1)).backend_name == m.backend_name  # prefill exact either way
+    monkeypatch.setenv("EDGEINFER_NATIVE", "off")  # no native step: the graph alone is int8 or slow, so MLX
+    assert edgeinfer.load(onnx_package("llama", level=4)).backend_name == "mlx"
+    if not is_apple_silicon():
+        assert "not the exact model's answers" in capsys.readouterr().err
+    monkeypatch.delenv("EDGEINFER_NATIVE")
     bare = _without_graph(tiny_package("llama", 4, 32), tmp_path / "bare")
     m = edgeinfer.load(bare)
     assert m.backend_name == "mlx"

@@ -173,7 +173,7 @@ def test_rows_of_modules_sharing_an_input_are_one_run(sparse_package):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_engine_keeping_every_channel_matches_the_exact_graph(sparse_package, arch):
     path = sparse_package(arch)
-    dense = edgeinfer.load(path, backend="onnx", threads=1)
+    dense = edgeinfer.load(path, backend="onnx", threads=1, decode="graph")
     pkg = open_package(path)
     sparse = edgeinfer.load(path, backend="onnx", threads=1)
     sparse.backend.set_sparsity(keep_all_plan(pkg))

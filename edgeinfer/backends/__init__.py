@@ -19,25 +19,30 @@ def is_apple_silicon() -> bool:
 
 
 def choose_backend(package, requested: str = "auto", notice=None) -> str:
-    """``auto``: MLX on Apple Silicon (Metal), ONNX Runtime elsewhere when the package has a graph,
-    else MLX with a notice."""
+    """``auto``: MLX on Apple Silicon (Metal); elsewhere ONNX Runtime when the package has a graph and the
+    native decode step can run it (then every answer is the exact model's: float-activation prefill and
+    the native step), else MLX with a notice. The ONNX graph alone decodes either with int8 activations
+    (fast, but near-ties turn the other way, first tokens included) or in float (slow), so auto does not
+    pick it."""
     if requested in BACKENDS:
         return requested
     if requested != "auto":
         raise EdgeInferError(f"unknown backend {requested!r}; choose auto, {', '.join(BACKENDS)}")
     if is_apple_silicon():
         return "mlx"
-    if (package.path / "model.onnx").exists():
-        level = package.manifest.get("onnx", {}).get("accuracy_level", 4)
-        if level == 4:
-            return "onnx"
-        if notice:  # the exact graph computes in float: correct, but slower here than MLX
-            notice(f"{package.path}'s ONNX graph is the exact (float) one, slower than MLX here; running on MLX "
-                   f"(--backend onnx runs it anyway)")
+    if not (package.path / "model.onnx").exists():
+        if notice:
+            notice(f"{package.path} has no ONNX graph, so it runs on MLX's CPU backend (slower here); "
+                   f"add one with: edgeinfer convert {package.path} --backend onnx")
         return "mlx"
+    from .onnx_backend import native_unavailable
+
+    why = native_unavailable(package)
+    if why is None:
+        return "onnx"
     if notice:
-        notice(f"{package.path} has no ONNX graph, so it runs on MLX's CPU backend (slower here); "
-               f"add one with: edgeinfer convert {package.path} --backend onnx")
+        notice(f"{why}, so the ONNX graph would decode with int8 activations (not the exact model's answers) "
+               f"or slowly in float; running on MLX (--backend onnx runs the graph anyway)")
     return "mlx"
 
 

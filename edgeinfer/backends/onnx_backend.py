@@ -25,6 +25,29 @@ from ..spec import rope_tables
 ONNX_FILE = "model.onnx"
 
 
+def native_unavailable(pkg: Package) -> str | None:
+    """Why this package's one-token steps cannot run natively (one sentence), or None."""
+    if pkg.spec.num_experts:
+        return "the native decode step has no Mixture-of-Experts blocks"
+    from ..native import unavailable
+
+    return unavailable(pkg)
+
+
+def exact_graph_bytes(path: Path) -> bytes:
+    """The graph with every MatMulNBits at accuracy level 1 (float activations), serialized; its external
+    data stays where it is (a few hundred KB of protobuf, read without the weights)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 1
+    return model.SerializeToString()
+
+
 class ONNXCache:
     def __init__(self, spec, max_tokens: int, rope_inputs: dict[str, tuple[int, str]], step: int = 256):
         import onnxruntime as ort
@@ -97,7 +120,7 @@ class ONNXModel:
     backend = "onnx"
 
     def __init__(self, pkg: Package, threads: int | None = None, providers: list[str] | None = None,
-                 graph: Path | None = None, moe_top_k: int | None = None, sparsity_plan=None):
+                 graph: Path | None = None, moe_top_k: int | None = None, sparsity_plan=None, decode: str = "native"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -121,8 +144,22 @@ class ONNXModel:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # The native decode step (edgeinfer.native) runs the one-token steps; then the graph's longer
+        # chunks (prefill, verification) run with float activations, so that the whole answer is the exact
+        # model's: int8 activations in prefill had flipped first tokens ("L'Étoile" for "Paris").
+        self.pkg = pkg
+        self.native = None
+        self.native_unavailable = "not wanted" if decode == "graph" else native_unavailable(pkg)
+        if self.native_unavailable is None:
+            from ..native import NativeDecoder
+
+            self.native = NativeDecoder(pkg, threads=threads)
+        self.exact = self.native is not None or pkg.manifest.get("onnx", {}).get("accuracy_level", 4) != 4
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            model = exact_graph_bytes(path) if self.native is not None else str(path)
+            if not isinstance(model, str):
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            self.session = ort.InferenceSession(model, sess_options=so, providers=providers)
         except Exception as e:  # ORT raises its own exception types with multi-line text
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EdgeInferError(f"cannot load {path}: {first}") from None
@@ -144,8 +181,7 @@ class ONNXModel:
         self.moe_top_k = int(moe_top_k or self.spec.num_experts_per_tok)
         self.moe_stats: list[dict] = []
         # R-Sparse (edgeinfer/sparse): one-token steps under a plan run the numba engine on the same KV
-        # buffers; prefill stays this graph, dense. No plan: exactly the dense graph.
-        self.pkg = pkg
+        # buffers; prefill stays this graph, dense.
         self.sparse_engine = None
         self.sparsity_plan = None
         self.set_sparsity(sparsity_plan)
@@ -195,6 +231,12 @@ class ONNXModel:
             if cache.reserve(1):
                 self._bound_cache = None  # new buffers: the graph's binding is stale
             logits = self.sparse_engine.step(int(ids[0, 0]), cache.offset, cache.k_block, cache.v_block)
+            cache.offset += 1
+            return logits.reshape(1, 1, -1)
+        if L == 1 and self.native is not None and positions is None:
+            if cache.reserve(1):
+                self._bound_cache = None
+            logits = self.native.step(int(ids[0, 0]), cache.offset, cache.k_block, cache.v_block)
             cache.offset += 1
             return logits.reshape(1, 1, -1)
         if positions is not None:

@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..decode_tables import DecodeTables, check_arch as _check_arch
 from ..errors import EdgeInferError
 from ..package import Package
-from ..spec import rope_inv_freq, yarn_mscale
+from ..safetensors_map import map_safetensors
 from . import kernels as K
-from .layout import _unpack, load_fast_layout, map_safetensors, module_names
+from .layout import load_fast_layout, module_names
 
 
 def check_arch(spec) -> None:
-    """The engine computes what the ONNX graph computes; refuse what it does not do rather than guess."""
-    if spec.arch not in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
-        raise EdgeInferError(f"the sparse decode path does not know the {spec.arch} architecture")
-    if getattr(spec, "num_experts", 0):
-        raise EdgeInferError("the sparse decode path has no Mixture-of-Experts blocks; use --backend mlx")
-    if spec.head_dim % 2:
-        raise EdgeInferError(f"the sparse decode path needs an even head_dim, not {spec.head_dim}")
+    _check_arch(spec, "the sparse decode path")
 
 
 def keep_every_channel(spec):
@@ -53,42 +48,13 @@ class SparseEngine:
         self.head = self.nmod - 1
         w = map_safetensors(pkg.weights_path)
         L, H = s.num_layers, s.hidden_size
-
-        def vec(name, size, default=None):
-            if name in w:
-                return np.asarray(w[name], np.float32)
-            if default is None:
-                raise EdgeInferError(f"the package's weights lack the tensor {name}")
-            return np.full(size, default, np.float32)
-
-        self.norms = np.zeros((L + 1, 4, H), np.float32)
-        self.qk_norms = np.ones((L, 2, s.head_dim), np.float32)
-        for i in range(L):
-            p = f"layers.{i}"
-            self.norms[i, 0] = vec(f"{p}.attn_norm.weight", H)
-            self.norms[i, 1] = vec(f"{p}.mlp_norm.weight", H)
-            if s.sandwich_norm:
-                self.norms[i, 2] = vec(f"{p}.post_attn_norm.weight", H)
-                self.norms[i, 3] = vec(f"{p}.post_mlp_norm.weight", H)
-            if s.qk_norm:
-                self.qk_norms[i, 0] = vec(f"{p}.attn.q_norm.weight", s.head_dim)
-                self.qk_norms[i, 1] = vec(f"{p}.attn.k_norm.weight", s.head_dim)
-        self.norms[L, 0] = vec("norm.weight", H)
-        self.inv_freq = np.stack([rope_inv_freq(s, i) for i in range(L)]).astype(np.float64)
-        self.mscale = float(yarn_mscale(s))
-        self.windows = np.array([s.sliding_window if (t == "sliding" and s.sliding_window) else 0 for t in s.layer_types],
-                                np.int64)
+        t = self.tables = DecodeTables(pkg, w)
+        self.norms, self.qk_norms, self.inv_freq, self.mscale, self.windows = t.norms, t.qk_norms, t.inv_freq, t.mscale, t.windows
+        self.embed = t.embed
         self.cfg = np.array([L, s.num_heads, s.num_kv_heads, s.head_dim, H, s.intermediate_size, int(s.qk_norm),
                              int(s.sandwich_norm), int(s.mlp_act == "gelu_tanh"), self.head, 1], np.int64)
         self.fcfg = np.array([s.rms_norm_eps, s.attn_scale, s.attn_logit_softcap or 0.0, s.final_logit_softcap or 0.0],
                              np.float64)
-        # the embedding: one row of the package's table per token
-        self._embed_w = w["embed.weight"]
-        self._embed_q = "embed.scales" in w
-        if self._embed_q:
-            quant = pkg.quantization
-            self._embed_bits = int(quant.get("tensors", {}).get("embed", quant).get("bits", quant.get("bits")))
-            self._embed_s, self._embed_b = w["embed.scales"], w["embed.biases"]
         self.threads = threads
         self.counts = np.zeros(2, np.int64)  # active, total input channels of the seven projections
         self._alloc_scratch(1)
@@ -156,20 +122,6 @@ class SparseEngine:
         self._h = f(H)
 
     # -- one token -----------------------------------------------------------------------------------
-    def embed(self, token: int) -> np.ndarray:
-        s = self.spec
-        if self._embed_q:
-            q = _unpack(self._embed_w[token: token + 1], self._embed_bits)[0].astype(np.float32)
-            g = q.size // self._embed_s.shape[1]
-            sc = np.asarray(self._embed_s[token], np.float32)
-            bi = np.asarray(self._embed_b[token], np.float32)
-            x = (q.reshape(-1, g) * sc[:, None] + bi[:, None]).reshape(-1)
-        else:
-            x = np.asarray(self._embed_w[token], np.float32).copy()
-        if s.embed_scale != 1.0:
-            x = x * np.float32(s.embed_scale)
-        return np.ascontiguousarray(x, np.float32)
-
     def _threads(self) -> int:
         import numba
 

@@ -69,6 +69,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from ..decode_tables import PROJECTIONS  # noqa: F401  (the modules' order in ``meta``)
+
 
 def _prefer_tbb() -> None:
     """TBB's scheduler, not OpenMP's, for the parallel regions: with TBB the calling thread takes the
@@ -94,7 +96,6 @@ def _prefer_tbb() -> None:
 
 _prefer_tbb()
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 # columns of the per-module table ``meta`` (int64): where the module's bytes are and how to read them
 OFF_Q, N_IN, M_OUT, BITS, GROUP, OFF_S, S32, ROW_BYTES, OFF_BIAS = range(9)

@@ -23,59 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..decode_tables import module_names
 from ..errors import EdgeInferError
 from ..package import MANIFEST, WEIGHTS, Package, open_package, sha256_file
+from ..safetensors_map import map_safetensors, unpack as _unpack
 from .kernels import BITS, GROUP, M_OUT, META_COLS, N_IN, OFF_BIAS, OFF_Q, OFF_S, PROJECTIONS, ROW_BYTES, S32
 
 LAYOUT_FILE = "sparse/weights_t.safetensors"
 LAYOUT_FORMAT = "edgeinfer-input-major"
 LAYOUT_VERSION = 2  # 2: rows of q|k|v and gate|up interleaved (ROW_BYTES is the stride)
 MERGED = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
-_NAMES = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
-          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
-
-def module_names(pkg: Package) -> list[str]:
-    """Package tensor prefixes in the layout's module order: layer-major, PROJECTIONS order, then the head."""
-    names = [f"layers.{i}.{_NAMES[p]}" for i in range(pkg.spec.num_layers) for p in PROJECTIONS]
-    return names + ["embed" if pkg.spec.tie_embeddings else "lm_head"]
-
-
-def map_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only memory-mapped numpy view (no copy; bfloat16
-    tensors, which numpy lacks, come as float32 copies)."""
-    dtypes = {"U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "I64": np.int64, "F16": np.float16,
-              "F32": np.float32, "BF16": np.uint16}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    unknown = {info["dtype"] for name, info in header.items() if name != "__metadata__"} - set(dtypes)
-    if unknown:
-        raise EdgeInferError(f"{path} holds tensors of type {', '.join(sorted(unknown))}, which the sparse path does not read")
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        raw = mm[8 + n + a: 8 + n + b]
-        a = raw.view(dtypes[info["dtype"]]).reshape(info["shape"])
-        if info["dtype"] == "BF16":  # numpy has no bfloat16: its bits are a float32's upper half
-            a = (a.astype(np.uint32) << 16).view(np.float32)
-        out[name] = a
-    return out
-
-
-def _unpack(words: np.ndarray, bits: int) -> np.ndarray:
-    """MLX's packing (value k of a row at bits [k*bits, (k+1)*bits) of its little-endian stream) -> uint8 [rows, n]."""
-    b = np.ascontiguousarray(words).view(np.uint8)
-    if bits == 8:
-        return b.copy()
-    if bits == 4:
-        return np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[0], -1)
-    stream = np.unpackbits(b, axis=-1, bitorder="little")
-    vals = stream.reshape(b.shape[0], -1, bits)
-    return (vals * (1 << np.arange(bits, dtype=np.uint16))).sum(-1).astype(np.uint8)
 
 
 def _scales(a: np.ndarray) -> tuple[np.ndarray, bool]:

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from ..decode_tables import PROJECTIONS
 from ..errors import EdgeInferError
 from ..package import WEIGHTS, Package, open_package, sha256_file
 from ..spec import ArchSpec
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 PLAN_DIR = "sparse"
 
 

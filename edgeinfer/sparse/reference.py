@@ -16,11 +16,10 @@ import numpy as np
 
 from ..package import Package
 from ..spec import rope_inv_freq, yarn_mscale
-from .layout import _unpack, map_safetensors
+from ..decode_tables import TENSOR_NAMES as _NAMES
+from ..safetensors_map import map_safetensors, unpack as _unpack
 from .plan import PROJECTIONS
 
-_NAMES = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
-          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
 def dequantize(w: dict, pkg: Package, name: str) -> np.ndarray:

@@ -1,0 +1,231 @@
+"""The native decode step (``decode.c``): one C call per token on the package's own weights.
+
+The ONNX backend runs its one-token steps here and everything longer (prefill, speculative verification)
+on its graph; both read and write the same KV buffers. The library is built by the project's install
+(setup.py) and loaded with ctypes; where it is absent (no C compiler at install), stale, or the package
+holds something the step does not compute, ``unavailable(pkg)`` says why in one sentence and the backend
+decodes with its graph.
+
+Activations: ``i16`` (default) rounds each 32-input chunk of x to int16 against its own max, ``f32``
+multiplies in float; EDGEINFER_NATIVE_ACT picks. EDGEINFER_NATIVE=off|generic|avx2 picks the build
+(``off`` disables the step).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from ..decode_tables import DecodeTables, check_arch, module_names
+from ..errors import EdgeInferError
+from ..package import Package
+from ..safetensors_map import map_safetensors, unpack
+
+ABI = 4
+ACTS = {"f32": 0, "i16": 1}
+MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row stack buffers
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("row_bytes", ctypes.c_int64), ("n_in", ctypes.c_int32),
+                ("m_out", ctypes.c_int32), ("bits", ctypes.c_int32), ("group", ctypes.c_int32),
+                ("s32", ctypes.c_int32), ("pad", ctypes.c_int32)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in ("layers", "heads", "kv_heads", "head_dim", "hidden", "inter", "qk_norm",
+                                               "sandwich", "gelu", "vocab")] + \
+               [(n, ctypes.c_float) for n in ("eps", "attn_scale", "attn_cap", "final_cap", "mscale", "pad")] + \
+               [(n, ctypes.c_void_p) for n in ("norms", "qk_norms", "inv_freq", "windows", "lin")]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def variant() -> str:
+    """The build this CPU runs: avx2 where it has AVX2, FMA and F16C, else generic."""
+    want = os.environ.get("EDGEINFER_NATIVE", "").strip().lower()
+    if want in ("off", "generic", "avx2"):
+        return want
+    if platform.machine().lower() in ("x86_64", "amd64") and {"avx2", "fma", "f16c"} <= _cpu_flags():
+        return "avx2"
+    return "generic"
+
+
+_LIB: dict[str, object] = {}
+
+
+def _built_library(v: str) -> str | None:
+    """The path of the built extension of variant ``v``, or None."""
+    spec = importlib.util.find_spec(f"edgeinfer.native._decode_{v}")
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def load_library():
+    """The ctypes library of this CPU's build; raises EdgeInferError saying why it cannot be used."""
+    v = variant()
+    if v == "off":
+        raise EdgeInferError("the native decode step is switched off (EDGEINFER_NATIVE=off)")
+    if v in _LIB:
+        return _LIB[v]
+    origin = _built_library(v)
+    if origin is None:
+        raise EdgeInferError("the native decode kernels are not built (no C compiler when edgeinfer was installed?); "
+                             "run `make setup` again with gcc or clang present")
+    try:
+        lib = ctypes.CDLL(origin)
+    except OSError as e:
+        raise EdgeInferError(f"cannot load the native decode kernels {Path(origin).name}: {e}") from None
+    if lib.ei_abi() != ABI:
+        raise EdgeInferError("the native decode kernels are stale (built from another decode.c); run `make setup` again")
+    lib.ei_new.restype = ctypes.c_void_p
+    lib.ei_new.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.ei_free.argtypes = [ctypes.c_void_p]
+    lib.ei_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_int64, ctypes.c_void_p]
+    lib.ei_linear_apply.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    _LIB[v] = lib
+    return lib
+
+
+def _quant(pkg: Package, name: str) -> tuple[int, int]:
+    quant = pkg.quantization
+    per = quant.get("tensors", {}).get(name, quant)
+    return int(per.get("bits", quant.get("bits", 32))), int(per.get("group_size", quant.get("group_size", 0)))
+
+
+def unavailable(pkg: Package) -> str | None:
+    """Why the native step cannot decode this package (one sentence), or None when it can."""
+    try:
+        load_library()
+        check_arch(pkg.spec, "the native decode step")
+    except EdgeInferError as e:
+        return str(e)
+    s = pkg.spec
+    if s.head_dim > MAX_HEAD_DIM:
+        return f"the native decode step takes head_dim up to {MAX_HEAD_DIM}, not {s.head_dim}"
+    if pkg.quantization.get("mode", "affine") != "affine":
+        return "the native decode step reads affine-quantized weights only"
+    for name in module_names(pkg):
+        bits, group = _quant(pkg, name)
+        if bits > 8:
+            return f"the native decode step reads quantized weights (8 bits or fewer); {name} has {bits}"
+        if group % 32:
+            return f"the native decode step needs groups of a multiple of 32 inputs; {name} has {group}"
+    return None
+
+
+def _blocked(a: np.ndarray, width: int) -> np.ndarray:
+    """[m, k * width] -> blocks of 8 rows: [m / 8, k, 8, width], rows padded with zeros to a multiple of 8
+    (decode.c's layout: a block's 8 rows of one chunk, or of one group's scales, side by side)."""
+    m = a.shape[0]
+    pad = -m % 8
+    if pad:
+        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
+    return np.ascontiguousarray(a.reshape((m + pad) // 8, 8, -1, width).transpose(0, 2, 1, 3))
+
+
+class NativeDecoder:
+    """``step(token, pos, k_block, v_block) -> logits``, as the sparse engine's, on the native library."""
+
+    def __init__(self, pkg: Package, threads: int | None = None, act: str | None = None):
+        why = unavailable(pkg)
+        if why:
+            raise EdgeInferError(why)
+        self.lib = load_library()
+        self.spec = s = pkg.spec
+        act = (act or os.environ.get("EDGEINFER_NATIVE_ACT") or "i16").lower()
+        if act not in ACTS:
+            raise EdgeInferError(f"EDGEINFER_NATIVE_ACT must be one of {', '.join(ACTS)}, not {act!r}")
+        self.act = act
+        w = map_safetensors(pkg.weights_path)
+        self.tables = t = DecodeTables(pkg, w)
+        self._keep = []  # every array a pointer below refers to
+        names = module_names(pkg)
+        lins = (_Linear * len(names))()
+        for i, name in enumerate(names):
+            lins[i] = self._linear(pkg, w, name)
+        self._lins = lins
+        m = _Model()
+        m.layers, m.heads, m.kv_heads, m.head_dim = s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim
+        m.hidden, m.inter, m.qk_norm, m.sandwich = s.hidden_size, s.intermediate_size, int(s.qk_norm), int(s.sandwich_norm)
+        m.gelu, m.vocab = int(s.mlp_act == "gelu_tanh"), s.vocab_size
+        m.eps, m.attn_scale = s.rms_norm_eps, s.attn_scale
+        m.attn_cap, m.final_cap = s.attn_logit_softcap or 0.0, s.final_logit_softcap or 0.0
+        m.mscale = t.mscale
+        m.norms, m.qk_norms = t.norms.ctypes.data, t.qk_norms.ctypes.data
+        m.inv_freq, m.windows = t.inv_freq.ctypes.data, t.windows.ctypes.data
+        m.lin = ctypes.addressof(lins)
+        self._model = m
+        self.threads = int(threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        self._ctx = self.lib.ei_new(ctypes.byref(m), self.threads, ACTS[act])
+        if not self._ctx:
+            raise EdgeInferError("the native decode step could not allocate its buffers")
+        self._logits = np.empty(s.vocab_size, np.float32)
+
+    def _linear(self, pkg: Package, w: dict, name: str) -> _Linear:
+        bits, group = _quant(pkg, name)
+        q = np.asarray(w[f"{name}.weight"])
+        m = q.shape[0]
+        n = q.shape[1] * 32 // bits
+        if bits in (4, 8):
+            rows = q.view(np.uint8).reshape(m, -1)
+        else:  # 2/3/5/6 bits: widened to one byte a value, exactly (as the ONNX graph does)
+            rows = np.ascontiguousarray(unpack(q, bits))
+            bits = 8
+        if n % 32 or n // group > MAX_GROUPS or n // 32 > MAX_CHUNKS:
+            raise EdgeInferError(f"the native decode step cannot read {name} ({m}x{n}, groups of {group})")
+        sc, bi = np.asarray(w[f"{name}.scales"]), np.asarray(w[f"{name}.biases"])
+        s32 = not (sc.dtype == np.float16 and bi.dtype == np.float16)
+        if s32:
+            sc, bi = sc.astype(np.float32), bi.astype(np.float32)
+        bias = np.asarray(w[f"{name}.bias"], np.float32) if f"{name}.bias" in w else None
+        arrs = [_blocked(rows, 16 if bits == 4 else 32), _blocked(sc, 1), _blocked(bi, 1)]
+        arrs += [np.ascontiguousarray(bias)] if bias is not None else []
+        self._keep.extend(arrs)
+        lin = _Linear()
+        lin.q, lin.scales, lin.biases = arrs[0].ctypes.data, arrs[1].ctypes.data, arrs[2].ctypes.data
+        lin.bias = arrs[3].ctypes.data if bias is not None else None
+        lin.row_bytes, lin.n_in, lin.m_out, lin.bits, lin.group, lin.s32 = rows.shape[1], n, m, bits, group, int(s32)
+        return lin
+
+    def step(self, token: int, pos: int, kcache: np.ndarray, vcache: np.ndarray) -> np.ndarray:
+        """Logits [vocab] of ``token`` at ``pos``; writes its keys/values at ``pos`` of the caches
+        [layers, 1, kv_heads, capacity, head_dim] (float32, C-contiguous)."""
+        if not (kcache.flags.c_contiguous and vcache.flags.c_contiguous and kcache.dtype == np.float32):
+            raise EdgeInferError("the native decode step needs contiguous float32 KV buffers")
+        x = self.tables.embed(token)
+        logits = np.empty(self.spec.vocab_size, np.float32)
+        if self.lib.ei_step(self._ctx, x.ctypes.data, pos, kcache.ctypes.data, vcache.ctypes.data, kcache.shape[3],
+                            logits.ctypes.data):
+            raise EdgeInferError("the native decode step ran out of memory")
+        return logits
+
+    def linear(self, index: int, x: np.ndarray) -> np.ndarray:
+        """Module ``index`` (module_names order) applied to x alone: for tests and benchmarks."""
+        lin = self._lins[index]
+        x = np.ascontiguousarray(x, np.float32)
+        y = np.empty(lin.m_out, np.float32)
+        self.lib.ei_linear_apply(self._ctx, ctypes.byref(lin), x.ctypes.data, y.ctypes.data)
+        return y
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self.lib.ei_free(self._ctx)
+            self._ctx = None
+
+    __del__ = close

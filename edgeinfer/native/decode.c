@@ -1,0 +1,595 @@
+/* edgeinfer's native decode step: one call runs a token through every layer and the head.
+ *
+ * It reads the package's own weights (MLX's affine layout: row-major [out, in] values, 4 or 8 bits,
+ * w = scale * q + bias per group of inputs, scales and biases float16 or float32) straight from the
+ * memory-mapped model.safetensors, and writes its keys and values into the same KV buffers as the ONNX
+ * graph, which does prefill. Nothing is re-quantized, so the step computes the package's model:
+ *
+ *   y_m = sum_G scale_mG * (q_mG . x_G) + bias_mG * sum(x_G)
+ *
+ * Activations: ACT_F32 multiplies in float32 (the reference); ACT_I16 rounds each 32-input chunk of x to
+ * int16 against the chunk's own max (error <= 2^-16 of that max, against 2^-8 for llama.cpp's int8 and
+ * 2^-11 for the float16 activations of a GPU), so q . x is two vpmaddwd per 32 weights instead of four
+ * converts and four FMAs. Both accumulate in float32 per chunk.
+ *
+ * Built twice by setup.py: with -mavx2 -mfma -mf16c on x86-64 (the intrinsics below), and without (plain
+ * loops the compiler vectorizes: NEON on aarch64, SSE2 elsewhere); Python picks by the CPU's flags.
+ * Threads: a small pool whose caller also takes work items, so a worker the OS has descheduled on a
+ * shared core delays nothing but its own item (an OpenMP barrier would wait for it).
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define EI_AVX2 1
+#else
+#define EI_AVX2 0
+#endif
+
+#define EI_ABI 4
+#define MAX_THREADS 64
+
+enum { ACT_F32 = 0, ACT_I16 = 1 };
+
+typedef struct {
+    const uint8_t *q;      /* blocks of 8 rows (see block8), m_out padded to a multiple of 8 */
+    const void *scales;    /* [m_out / 8][n_in / group][8], float16 bits or float32 */
+    const void *biases;
+    const float *bias;     /* [m_out] or NULL: the layer's additive bias (Qwen2's q/k/v) */
+    int64_t row_bytes;
+    int32_t n_in, m_out, bits, group, s32, pad;
+} ei_linear;
+
+typedef struct {
+    int32_t layers, heads, kv_heads, head_dim, hidden, inter, qk_norm, sandwich, gelu, vocab;
+    float eps, attn_scale, attn_cap, final_cap, mscale, pad;
+    const float *norms;     /* [layers + 1][4][hidden]: attn, mlp, post-attn, post-mlp; final at [layers][0] */
+    const float *qk_norms;  /* [layers][2][head_dim] */
+    const double *inv_freq; /* [layers][head_dim / 2] */
+    const int64_t *windows; /* [layers]: sliding window, 0 for full attention */
+    const ei_linear *lin;   /* [layers * 7 + 1]: q k v o gate up down per layer, then the head */
+} ei_model;
+
+/* ---------------------------------------------------------------------------------------------- pool */
+typedef void (*task_fn)(void *arg, int item);
+
+typedef struct {
+    atomic_int job;  /* the job this slot holds; -1 while it is rewritten */
+    task_fn fn;
+    void *arg;
+    int items;
+    atomic_int done;
+} slot_t;
+
+typedef struct {
+    int n;                 /* threads in all, the caller included */
+    pthread_t th[MAX_THREADS];
+    atomic_uint_fast64_t work;  /* job << 32 | next item */
+    atomic_int gen;        /* the newest job published */
+    atomic_int stop, sleepers;
+    slot_t slot[2];
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} pool_t;
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Takes items of the current job until it runs dry; returns the job id seen. */
+static int drain(pool_t *p) {
+    for (;;) {
+        uint64_t t = atomic_fetch_add(&p->work, 1);
+        int j = (int)(t >> 32), i = (int)(t & 0xffffffffu);
+        slot_t *s = &p->slot[j & 1];
+        if (atomic_load(&s->job) != j) return j;
+        int items = s->items;
+        task_fn fn = s->fn;
+        void *arg = s->arg;
+        if (atomic_load(&s->job) != j || i >= items) return j;
+        fn(arg, i);  /* an outstanding item keeps its slot from being rewritten */
+        atomic_fetch_add(&s->done, 1);
+    }
+}
+
+static void *worker(void *arg) {
+    pool_t *p = arg;
+    int seen = atomic_load(&p->gen);
+    for (;;) {
+        int spins = 0;
+        while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) {
+            if (++spins < 200000) { relax(); continue; }
+            pthread_mutex_lock(&p->mu);
+            atomic_fetch_add(&p->sleepers, 1);
+            while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
+            atomic_fetch_sub(&p->sleepers, 1);
+            pthread_mutex_unlock(&p->mu);
+        }
+        if (atomic_load(&p->stop)) return NULL;
+        seen = atomic_load(&p->gen);
+        drain(p);
+    }
+}
+
+static void pool_run(pool_t *p, task_fn fn, void *arg, int items) {
+    if (p->n <= 1 || items <= 1) {
+        for (int i = 0; i < items; i++) fn(arg, i);
+        return;
+    }
+    int j = atomic_load(&p->gen) + 1;
+    slot_t *s = &p->slot[j & 1];
+    atomic_store(&s->job, -1);
+    s->fn = fn; s->arg = arg; s->items = items;
+    atomic_store(&s->done, 0);
+    atomic_store(&s->job, j);
+    atomic_store(&p->work, (uint64_t)j << 32);
+    atomic_store(&p->gen, j);
+    if (atomic_load(&p->sleepers)) {
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+    }
+    drain(p);
+    while (atomic_load(&s->done) < items) relax();
+}
+
+static pool_t *pool_new(int n) {
+    pool_t *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    p->n = n < 1 ? 1 : (n > MAX_THREADS ? MAX_THREADS : n);
+    atomic_store(&p->slot[0].job, -1);
+    atomic_store(&p->slot[1].job, -1);
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    for (int i = 1; i < p->n; i++)
+        if (pthread_create(&p->th[i], NULL, worker, p)) { p->n = i; break; }
+    return p;
+}
+
+static void pool_free(pool_t *p) {
+    if (!p) return;
+    atomic_store(&p->stop, 1);
+    pthread_mutex_lock(&p->mu);
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    free(p);
+}
+
+/* --------------------------------------------------------------------------------------- half floats */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (!man) bits = sign;
+        else {  /* subnormal: normalize */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void to_float(const void *src, int s32, float *dst, int n) {
+    if (s32) { memcpy(dst, src, (size_t)n * 4); return; }
+    const uint16_t *h = src;
+    int i = 0;
+#if EI_AVX2
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+#if EI_AVX2
+    for (; i < n; i++) dst[i] = _cvtsh_ss(h[i]);
+#else
+    for (; i < n; i++) dst[i] = half_to_float(h[i]);
+#endif
+}
+
+/* ------------------------------------------------------------------------------ prepared activations */
+/* One input vector, prepared once for every module that reads it. */
+typedef struct {
+    int n, act;
+    const float *x;
+    float *xe, *xo;       /* 4-bit rows: each byte holds inputs 2b (low nibble) and 2b+1 (high) */
+    int16_t *ie, *io, *i8;  /* ACT_I16: the same, rounded; i8 in the inputs' own order (8-bit rows) */
+    float *xsc;           /* [n / 32]: the int16 step of each chunk (1 for ACT_F32) */
+    float *sums;          /* [n / 32]: exact float sum of each chunk */
+} act_t;
+
+static void prepare(act_t *a, const float *x, int n, int act) {
+    a->n = n; a->act = act; a->x = x;
+    for (int i = 0; i < n / 2; i++) { a->xe[i] = x[2 * i]; a->xo[i] = x[2 * i + 1]; }
+    for (int c = 0; c < n / 32; c++) {
+        const float *v = x + 32 * c;
+        float s = 0.f, amax = 0.f;
+        for (int i = 0; i < 32; i++) { s += v[i]; float f = fabsf(v[i]); amax = f > amax ? f : amax; }
+        a->sums[c] = s;
+        if (act != ACT_I16) { a->xsc[c] = 1.f; continue; }
+        float step = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+        a->xsc[c] = step;
+        for (int i = 0; i < 32; i++) a->i8[32 * c + i] = (int16_t)lrintf(v[i] * inv);
+        for (int i = 0; i < 16; i++) { a->ie[16 * c + i] = a->i8[32 * c + 2 * i]; a->io[16 * c + i] = a->i8[32 * c + 2 * i + 1]; }
+    }
+}
+
+/* ------------------------------------------------------------------------------- blocks of 8 rows */
+/* The weights are repacked at load (edgeinfer/native/__init__.py) into blocks of 8 output rows: for block
+ * b and 32-input chunk c, the 8 rows' bytes of that chunk side by side (16 bytes a row at 4 bits, 32 at
+ * 8), and for group g the 8 rows' scales and biases side by side. One pass over a block then reads one
+ * stream, shares each chunk of x among 8 rows, and ends with the 8 outputs in one vector: no per-row
+ * horizontal sums, scale conversions or latency chains (the row-at-a-time kernel ran at 24 cycles a chunk
+ * in cache, this one at about a third of that). */
+#define RB 8
+
+#if EI_AVX2
+static inline __m256i p4_i16(const uint8_t *b, __m256i xe, __m256i xo) {
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m128i v = _mm_loadu_si128((const __m128i *)b);
+    __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(lo), xe), _mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), xo));
+}
+
+static inline __m256i p8_i16(const uint8_t *b, __m256i x0, __m256i x1) {
+    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b)), x0),
+                            _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 16))), x1));
+}
+
+static inline __m256 p4_f32(const uint8_t *b, const float *xe, const float *xo) {
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m128i v = _mm_loadu_si128((const __m128i *)b);
+    __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xe));
+    t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xe + 8), t);
+    t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xo), t);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xo + 8), t);
+}
+
+static inline __m256 p8_f32(const uint8_t *b, const float *x) {
+    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b))), _mm256_loadu_ps(x));
+    for (int k = 8; k < 32; k += 8)
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + k)))),
+                            _mm256_loadu_ps(x + k), t);
+    return t;
+}
+
+/* 8 vectors -> the vector of their 8 lane sums, in order */
+static inline __m256i sum8_i(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6, __m256i p7) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+static inline __m256 sum8_f(__m256 p0, __m256 p1, __m256 p2, __m256 p3, __m256 p4, __m256 p5, __m256 p6, __m256 p7) {
+    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
+    __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(p4, p5), _mm256_hadd_ps(p6, p7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+static inline __m256 load8f(const void *p, int s32, int i) {
+    return s32 ? _mm256_loadu_ps((const float *)p + i) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+}
+#endif
+
+/* The 8 outputs of block b (without the layer's additive bias) into out[8]. */
+static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, float *out) {
+    int G = L->n_in / L->group, cpg = L->group / 32, chunks = L->n_in / 32;
+    int cb = L->bits == 4 ? 16 : 32;  /* bytes of one row's chunk */
+    const uint8_t *w = L->q + (size_t)b * chunks * RB * cb;
+    size_t sbase = (size_t)b * G * RB;
+#if EI_AVX2
+    __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m256 sc = load8f(L->scales, L->s32, (int)(sbase + (size_t)g * RB));
+        off = _mm256_fmadd_ps(load8f(L->biases, L->s32, (int)(sbase + (size_t)g * RB)), _mm256_set1_ps(gs[g]), off);
+        for (int k = 0; k < cpg; k++) {
+            int c = g * cpg + k;
+            const uint8_t *q = w + (size_t)c * RB * cb;
+            __m256 d;
+            if (a->act == ACT_I16) {
+                __m256i x0, x1, s;
+                if (cb == 16) {
+                    x0 = _mm256_loadu_si256((const __m256i *)(a->ie + 16 * c));
+                    x1 = _mm256_loadu_si256((const __m256i *)(a->io + 16 * c));
+                    s = sum8_i(p4_i16(q, x0, x1), p4_i16(q + 16, x0, x1), p4_i16(q + 32, x0, x1), p4_i16(q + 48, x0, x1),
+                               p4_i16(q + 64, x0, x1), p4_i16(q + 80, x0, x1), p4_i16(q + 96, x0, x1), p4_i16(q + 112, x0, x1));
+                } else {
+                    x0 = _mm256_loadu_si256((const __m256i *)(a->i8 + 32 * c));
+                    x1 = _mm256_loadu_si256((const __m256i *)(a->i8 + 32 * c + 16));
+                    s = sum8_i(p8_i16(q, x0, x1), p8_i16(q + 32, x0, x1), p8_i16(q + 64, x0, x1), p8_i16(q + 96, x0, x1),
+                               p8_i16(q + 128, x0, x1), p8_i16(q + 160, x0, x1), p8_i16(q + 192, x0, x1), p8_i16(q + 224, x0, x1));
+                }
+                d = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a->xsc[c]));
+            } else if (cb == 16) {
+                const float *xe = a->xe + 16 * c, *xo = a->xo + 16 * c;
+                d = sum8_f(p4_f32(q, xe, xo), p4_f32(q + 16, xe, xo), p4_f32(q + 32, xe, xo), p4_f32(q + 48, xe, xo),
+                           p4_f32(q + 64, xe, xo), p4_f32(q + 80, xe, xo), p4_f32(q + 96, xe, xo), p4_f32(q + 112, xe, xo));
+            } else {
+                const float *x = a->x + 32 * c;
+                d = sum8_f(p8_f32(q, x), p8_f32(q + 32, x), p8_f32(q + 64, x), p8_f32(q + 96, x),
+                           p8_f32(q + 128, x), p8_f32(q + 160, x), p8_f32(q + 192, x), p8_f32(q + 224, x));
+            }
+            acc = _mm256_fmadd_ps(d, sc, acc);
+        }
+    }
+    _mm256_storeu_ps(out, _mm256_add_ps(acc, off));
+#else
+    /* Portable: the same order of work in plain loops over the 8 rows (vectorized by the compiler). */
+    float acc[RB] = {0}, off[RB] = {0}, sc[RB], bi[RB];
+    for (int g = 0; g < G; g++) {
+        to_float((const char *)L->scales + (sbase + (size_t)g * RB) * (L->s32 ? 4 : 2), L->s32, sc, RB);
+        to_float((const char *)L->biases + (sbase + (size_t)g * RB) * (L->s32 ? 4 : 2), L->s32, bi, RB);
+        for (int r = 0; r < RB; r++) off[r] += bi[r] * gs[g];
+        for (int k = 0; k < cpg; k++) {
+            int c = g * cpg + k;
+            const uint8_t *q = w + (size_t)c * RB * cb;
+            for (int r = 0; r < RB; r++) {
+                const uint8_t *qr = q + r * cb;
+                float d;
+                if (a->act == ACT_I16) {
+                    int32_t t = 0;
+                    if (cb == 16)
+                        for (int i = 0; i < 16; i++) t += (int32_t)(qr[i] & 15) * a->ie[16 * c + i] + (int32_t)(qr[i] >> 4) * a->io[16 * c + i];
+                    else
+                        for (int i = 0; i < 32; i++) t += (int32_t)qr[i] * a->i8[32 * c + i];
+                    d = (float)t * a->xsc[c];
+                } else {
+                    float t = 0.f;
+                    if (cb == 16)
+                        for (int i = 0; i < 16; i++) t += (float)(qr[i] & 15) * a->xe[16 * c + i] + (float)(qr[i] >> 4) * a->xo[16 * c + i];
+                    else
+                        for (int i = 0; i < 32; i++) t += (float)qr[i] * a->x[32 * c + i];
+                    d = t;
+                }
+                acc[r] += d * sc[r];
+            }
+        }
+    }
+    for (int r = 0; r < RB; r++) out[r] = acc[r] + off[r];
+#endif
+}
+
+/* Rows [r0, r1) of one linear into y; r0 is a multiple of 8. */
+static void linear_rows(const ei_linear *L, const act_t *a, int r0, int r1, float *y) {
+    int G = L->n_in / L->group, cpg = L->group / 32;
+    float gs[1024], out[RB];
+    for (int g = 0; g < G; g++) {  /* the exact sum of x over each weight group */
+        float s = 0.f;
+        for (int k = 0; k < cpg; k++) s += a->sums[g * cpg + k];
+        gs[g] = s;
+    }
+    for (int r = r0; r < r1; r += RB) {
+        block8(L, a, gs, r / RB, out);
+        int n = r1 - r < RB ? r1 - r : RB;
+        for (int i = 0; i < n; i++) y[r + i] = L->bias ? out[i] + L->bias[r + i] : out[i];
+    }
+}
+
+/* Several linears reading one input, as one parallel region over blocks of rows. */
+typedef struct {
+    const ei_linear *lin[3];
+    float *out[3];
+    int nmod, block, first[4];
+    const act_t *a;
+} lin_job;
+
+static void lin_task(void *arg, int item) {
+    lin_job *j = arg;
+    int k = 0;
+    while (k + 1 < j->nmod && item >= j->first[k + 1]) k++;
+    int r0 = (item - j->first[k]) * j->block, r1 = r0 + j->block;
+    if (r1 > j->lin[k]->m_out) r1 = j->lin[k]->m_out;
+    linear_rows(j->lin[k], j->a, r0, r1, j->out[k]);
+}
+
+/* ---------------------------------------------------------------------------------------- the step */
+typedef struct {
+    const ei_model *m;
+    pool_t *pool;
+    int act;
+    int64_t cap;
+    float *h, *q, *k, *v, *att, *o, *g, *u, *d, *probs, *cosb, *sinb;
+    act_t a;
+    /* attention task state */
+    int layer;
+    int64_t pos, start;
+    float *kc, *vc;
+} ei_ctx;
+
+static void rmsnorm(const float *x, const float *w, float eps, int n, float *out) {
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += x[i] * x[i];
+    float inv = 1.f / sqrtf(s / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+static void rope(float *v, const float *cs, const float *sn, int half) {
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[half + i];
+        v[i] = a * cs[i] - b * sn[i];
+        v[half + i] = b * cs[i] + a * sn[i];
+    }
+}
+
+static void linears(ei_ctx *c, const float *x, int n, const ei_linear **mods, float **outs, int nmod) {
+    prepare(&c->a, x, n, c->act);
+    lin_job j = {.nmod = nmod, .a = &c->a};
+    int total_rows = 0;
+    for (int k = 0; k < nmod; k++) total_rows += mods[k]->m_out;
+    /* about 4 items a thread per region, at least 16 rows an item */
+    int block = total_rows / (c->pool->n * 4);
+    block = block < 16 ? 16 : (block + 15) / 16 * 16;
+    j.block = block;
+    int items = 0;
+    for (int k = 0; k < nmod; k++) {
+        j.lin[k] = mods[k]; j.out[k] = outs[k]; j.first[k] = items;
+        items += (mods[k]->m_out + block - 1) / block;
+    }
+    j.first[nmod] = items;
+    pool_run(c->pool, lin_task, &j, items);
+}
+
+static void attn_task(void *arg, int hh) {
+    ei_ctx *c = arg;
+    const ei_model *m = c->m;
+    int hd = m->head_dim, kv = hh / (m->heads / m->kv_heads);
+    const float *qv = c->q + (size_t)hh * hd;
+    const float *K = c->kc + (size_t)kv * c->cap * hd, *V = c->vc + (size_t)kv * c->cap * hd;
+    float *probs = c->probs + (size_t)hh * c->cap;
+    float mx = -INFINITY;
+    for (int64_t s = c->start; s <= c->pos; s++) {
+        const float *kr = K + s * hd;
+        float acc = 0.f;
+        for (int d = 0; d < hd; d++) acc += qv[d] * kr[d];
+        acc *= m->attn_scale;
+        if (m->attn_cap > 0.f) acc = tanhf(acc / m->attn_cap) * m->attn_cap;
+        probs[s] = acc;
+        if (acc > mx) mx = acc;
+    }
+    float tot = 0.f;
+    for (int64_t s = c->start; s <= c->pos; s++) { float e = expf(probs[s] - mx); probs[s] = e; tot += e; }
+    float *o = c->att + (size_t)hh * hd;
+    for (int d = 0; d < hd; d++) o[d] = 0.f;
+    float inv = 1.f / tot;
+    for (int64_t s = c->start; s <= c->pos; s++) {
+        const float *vr = V + s * hd;
+        float p = probs[s] * inv;
+        for (int d = 0; d < hd; d++) o[d] += p * vr[d];
+    }
+}
+
+int ei_abi(void) { return EI_ABI; }
+
+int ei_simd(void) { return EI_AVX2; }
+
+void ei_free(ei_ctx *c) {
+    if (!c) return;
+    pool_free(c->pool);
+    float **bufs[] = {&c->h, &c->q, &c->k, &c->v, &c->att, &c->o, &c->g, &c->u, &c->d, &c->probs, &c->cosb, &c->sinb,
+                      &c->a.xe, &c->a.xo, &c->a.xsc, &c->a.sums};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(*bufs[i]);
+    free(c->a.ie); free(c->a.io); free(c->a.i8);
+    free(c);
+}
+
+ei_ctx *ei_new(const ei_model *m, int threads, int act) {
+    ei_ctx *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->m = m; c->act = act;
+    int H = m->hidden, I = m->inter, D = m->head_dim, nmax = H > I ? H : I;
+    for (int i = 0; i < m->layers * 7 + 1; i++) if (m->lin[i].n_in > nmax) nmax = m->lin[i].n_in;
+    c->h = calloc(H, 4); c->q = calloc((size_t)m->heads * D, 4); c->k = calloc((size_t)m->kv_heads * D, 4);
+    c->v = calloc((size_t)m->kv_heads * D, 4); c->att = calloc((size_t)m->heads * D, 4); c->o = calloc(H, 4);
+    c->g = calloc(I, 4); c->u = calloc(I, 4); c->d = calloc(H, 4); c->cosb = calloc(D, 4); c->sinb = calloc(D, 4);
+    c->a.xe = calloc(nmax, 4); c->a.xo = calloc(nmax, 4); c->a.xsc = calloc(nmax / 32 + 1, 4);
+    c->a.sums = calloc(nmax / 32 + 1, 4);
+    c->a.ie = calloc(nmax, 2); c->a.io = calloc(nmax, 2); c->a.i8 = calloc(nmax, 2);
+    c->pool = pool_new(threads);
+    if (!c->h || !c->q || !c->k || !c->v || !c->att || !c->o || !c->g || !c->u || !c->d || !c->cosb || !c->sinb ||
+        !c->a.xe || !c->a.xo || !c->a.xsc || !c->a.sums || !c->a.ie || !c->a.io || !c->a.i8 || !c->pool) {
+        ei_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* One token: x (its scaled embedding, overwritten) at position pos; keys and values written at pos of
+ * kblock/vblock [layers][kv_heads][cap][head_dim]; logits [vocab]. Returns 0, or -1 when out of memory. */
+int ei_step(ei_ctx *c, float *x, int64_t pos, float *kblock, float *vblock, int64_t cap, float *logits) {
+    const ei_model *m = c->m;
+    int L = m->layers, H = m->hidden, I = m->inter, D = m->head_dim, half = D / 2;
+    if (cap > c->cap) {
+        float *p = realloc(c->probs, (size_t)cap * m->heads * 4);
+        if (!p) return -1;
+        c->probs = p;
+    }
+    c->cap = cap;
+    c->pos = pos;
+    for (int li = 0; li < L; li++) {
+        const ei_linear *lin = m->lin + (size_t)li * 7;
+        const float *nw = m->norms + (size_t)li * 4 * H;
+        rmsnorm(x, nw, m->eps, H, c->h);
+        const ei_linear *qkv[3] = {lin, lin + 1, lin + 2};
+        float *qkv_out[3] = {c->q, c->k, c->v};
+        linears(c, c->h, H, qkv, qkv_out, 3);
+        if (m->qk_norm) {
+            const float *qn = m->qk_norms + (size_t)li * 2 * D;
+            float tmp[1024];
+            for (int hh = 0; hh < m->heads; hh++) { memcpy(tmp, c->q + hh * D, D * 4); rmsnorm(tmp, qn, m->eps, D, c->q + hh * D); }
+            for (int hh = 0; hh < m->kv_heads; hh++) { memcpy(tmp, c->k + hh * D, D * 4); rmsnorm(tmp, qn + D, m->eps, D, c->k + hh * D); }
+        }
+        const double *f = m->inv_freq + (size_t)li * half;
+        for (int i = 0; i < half; i++) {
+            double ang = (double)pos * f[i];
+            c->cosb[i] = (float)(cos(ang) * m->mscale);
+            c->sinb[i] = (float)(sin(ang) * m->mscale);
+        }
+        for (int hh = 0; hh < m->heads; hh++) rope(c->q + hh * D, c->cosb, c->sinb, half);
+        c->kc = kblock + (size_t)li * m->kv_heads * cap * D;
+        c->vc = vblock + (size_t)li * m->kv_heads * cap * D;
+        for (int hh = 0; hh < m->kv_heads; hh++) {
+            rope(c->k + hh * D, c->cosb, c->sinb, half);
+            memcpy(c->kc + ((size_t)hh * cap + pos) * D, c->k + hh * D, D * 4);
+            memcpy(c->vc + ((size_t)hh * cap + pos) * D, c->v + hh * D, D * 4);
+        }
+        int64_t w = m->windows[li];
+        c->start = (w > 0 && pos - w + 1 > 0) ? pos - w + 1 : 0;
+        c->layer = li;
+        pool_run(c->pool, attn_task, c, m->heads);
+        const ei_linear *o1[1] = {lin + 3};
+        float *o_out[1] = {c->o};
+        linears(c, c->att, m->heads * D, o1, o_out, 1);
+        if (m->sandwich) { memcpy(c->d, c->o, H * 4); rmsnorm(c->d, nw + 2 * H, m->eps, H, c->o); }
+        for (int i = 0; i < H; i++) x[i] += c->o[i];
+        rmsnorm(x, nw + H, m->eps, H, c->h);
+        const ei_linear *gu[2] = {lin + 4, lin + 5};
+        float *gu_out[2] = {c->g, c->u};
+        linears(c, c->h, H, gu, gu_out, 2);
+        for (int i = 0; i < I; i++) {
+            float gv = c->g[i];
+            gv = m->gelu ? 0.5f * gv * (1.f + tanhf(0.7978845608028654f * (gv + 0.044715f * gv * gv * gv)))
+                         : gv / (1.f + expf(-gv));
+            c->g[i] = gv * c->u[i];
+        }
+        const ei_linear *dn[1] = {lin + 6};
+        float *d_out[1] = {c->d};
+        linears(c, c->g, I, dn, d_out, 1);
+        if (m->sandwich) { memcpy(c->o, c->d, H * 4); rmsnorm(c->o, nw + 3 * H, m->eps, H, c->d); }
+        for (int i = 0; i < H; i++) x[i] += c->d[i];
+    }
+    rmsnorm(x, m->norms + (size_t)L * 4 * H, m->eps, H, c->h);
+    const ei_linear *hd1[1] = {m->lin + (size_t)L * 7};
+    float *h_out[1] = {logits};
+    linears(c, c->h, H, hd1, h_out, 1);
+    if (m->final_cap > 0.f)
+        for (int i = 0; i < m->vocab; i++) logits[i] = tanhf(logits[i] / m->final_cap) * m->final_cap;
+    return 0;
+}
+
+/* One linear alone (tests and benchmarks): y = W x for the rows [0, m_out). */
+int ei_linear_apply(ei_ctx *c, const ei_linear *L, const float *x, float *y) {
+    const ei_linear *mods[1] = {L};
+    float *outs[1] = {y};
+    linears(c, x, L->n_in, mods, outs, 1);
+    return 0;
+}
+
+#ifdef EI_PYMODULE
+/* Built as a Python extension only so that pip builds and installs it; Python loads it with ctypes. */
+#include <Python.h>
+#define EI_CAT2(a, b) a##b
+#define EI_CAT(a, b) EI_CAT2(a, b)
+static struct PyModuleDef ei_moddef = {PyModuleDef_HEAD_INIT, "edgeinfer native decode", NULL, -1, NULL};
+PyMODINIT_FUNC EI_CAT(PyInit_, EI_PYMODULE)(void) { return PyModule_Create(&ei_moddef); }
+#endif
