@@ -4,7 +4,10 @@ thread count, prompt and lengths, interleaved over the repetitions (issue 3).
     python benchmarks/peers.py [--peers all|NAME,...] [--threads 2] [-p 512] [-n 128] [-r 5] [--no-write]
 
 Peers (each optional; a missing one is skipped with a notice; `pip install -e '.[peers]'` installs them):
-  edgeinfer-onnx  edgeinfer.load(PKG, backend="onnx", threads=N) on the package (4-bit)
+  edgeinfer-onnx  edgeinfer.load(PKG, backend="onnx", threads=N) on the package (4-bit): exact prefill on the
+                  graph, the native decode step (edgeinfer/native)
+  edgeinfer-int8  the same package on its ONNX graph alone (int8 activations; EDGEINFER_NATIVE=off), as
+                  edgeinfer decoded before the native step
   edgeinfer-mlx   edgeinfer.load(PKG, backend="mlx") on the package (MLX's CPU backend on Linux)
   llama.cpp       llama-cpp-python on the GGUF the package was converted from (Q4_1, Q8_0 embedding)
   ort-genai       onnxruntime-genai on the model its own builder makes (-p int4 -e cpu) from the same weights
@@ -49,9 +52,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PEERS = ["edgeinfer-onnx", "edgeinfer-mlx", "llama.cpp", "ort-genai", "mlx-lm", "transformers"]
+PEERS = ["edgeinfer-onnx", "edgeinfer-int8", "edgeinfer-mlx", "llama.cpp", "ort-genai", "mlx-lm", "transformers"]
 LABELS = {
     "edgeinfer-onnx": "edgeinfer, ONNX Runtime backend",
+    "edgeinfer-int8": "edgeinfer, ONNX graph alone (int8)",
     "edgeinfer-mlx": "edgeinfer, MLX backend (CPU)",
     "llama.cpp": "llama.cpp (llama-cpp-python)",
     "ort-genai": "onnxruntime-genai",
@@ -61,6 +65,7 @@ LABELS = {
 # what a peer needs importable, and the distribution whose version is reported
 NEEDS = {
     "edgeinfer-onnx": ("onnxruntime", "onnxruntime"),
+    "edgeinfer-int8": ("onnxruntime", "onnxruntime"),
     "edgeinfer-mlx": ("mlx", "mlx"),
     "llama.cpp": ("llama_cpp", "llama-cpp-python"),
     "ort-genai": ("onnxruntime_genai", "onnxruntime-genai"),
@@ -72,8 +77,8 @@ START, END = "<!-- peers:start -->", "<!-- peers:end -->"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 DEFAULT_PACKAGE = "smollm2-135m-instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Targets for edgeinfer-onnx (issue 3): (test kind, peer, minimum ratio)
-TARGETS = [("tg", "llama.cpp", 1.0), ("tg", "ort-genai", 1.1), ("pp", "llama.cpp", 1.0)]
+# Targets for edgeinfer-onnx (issue 15): (test kind, peer, minimum ratio)
+TARGETS = [("tg", "llama.cpp", 1.2), ("tg", "ort-genai", 1.0), ("pp", "llama.cpp", 1.0), ("pp", "ort-genai", 1.0)]
 RESULT_TAG = "PEERS-RESULT "
 
 
@@ -249,6 +254,9 @@ class TransformersPeer:
 def make_peer(name: str, spec: dict):
     if name == "edgeinfer-onnx":
         return EdgeinferPeer(spec, "onnx")
+    if name == "edgeinfer-int8":
+        os.environ["EDGEINFER_NATIVE"] = "off"  # this worker's own process
+        return EdgeinferPeer(spec, "onnx")
     if name == "edgeinfer-mlx":
         return EdgeinferPeer(spec, "mlx")
     return {"llama.cpp": LlamaCppPeer, "ort-genai": GenaiPeer, "mlx-lm": MlxLmPeer, "transformers": TransformersPeer}[name](spec)
@@ -402,7 +410,7 @@ def aggregate(name: str, runs: list[dict]) -> dict:
 
 
 def ratios(results: dict[str, dict]) -> list[dict]:
-    """edgeinfer-onnx against the targets of issue 3: pass, miss, or not measured."""
+    """edgeinfer-onnx against the targets of issue 15: pass, miss, or not measured."""
     ours = results.get("edgeinfer-onnx", {})
     rows = []
     for kind, peer, need in TARGETS:
@@ -451,7 +459,7 @@ def render_markdown(report: dict) -> str:
         share = r.get("roofline_share")
         lines.append(f"| {label} | {weights} | {_f(r['pp_tps'])} | {_f(r['tg_tps'])} | {_f(r['ttft_s'], 0, 1000)} | "
                      f"{r['peak_rss_bytes'] / 2**20:.0f} | {'—' if share is None else f'{100 * share:.1f}%'} |")
-    lines += ["", "Targets for edgeinfer's ONNX backend (issue 3), as ratios of the means above:", "",
+    lines += ["", "Targets for edgeinfer's ONNX backend (issue 15), as ratios of the means above:", "",
               "| target | ratio | result |", "| --- | ---: | --- |"]
     for t in report["targets"]:
         ratio = "—" if t["ratio"] is None else f"{t['ratio']:.2f}x"
@@ -499,7 +507,7 @@ def bytes_per_token(pkg, gguf: Path | None) -> tuple[dict, str]:
     from edgeinfer.sysinfo import decode_bytes_per_token
 
     ours = decode_bytes_per_token(pkg)
-    out = {"edgeinfer-onnx": ours["bytes"], "edgeinfer-mlx": ours["bytes"]}
+    out = {"edgeinfer-onnx": ours["bytes"], "edgeinfer-int8": ours["bytes"], "edgeinfer-mlx": ours["bytes"]}
     note = f"edgeinfer {ours['bytes'] / 2**20:.1f} MiB ({ours['basis']})"
     if gguf and gguf.exists():
         try:
@@ -682,7 +690,7 @@ def weights_labels(pkg, gguf: Path) -> dict[str, str]:
     q = pkg.quantization
     ours = f"package: {q.get('bits')}-bit g{q.get('group_size')}" + (" (embedding 8-bit)" if q.get("tensors", {}).get("embed") else "")
     return {
-        "edgeinfer-onnx": ours, "edgeinfer-mlx": ours + ", held as fp32 on a CPU",
+        "edgeinfer-onnx": ours, "edgeinfer-int8": ours, "edgeinfer-mlx": ours + ", held as fp32 on a CPU",
         "llama.cpp": f"{gguf.name}", "ort-genai": "builder int4 (block 32)", "mlx-lm": "mlx_lm convert -q (4-bit g64)",
         "transformers": "fp32 (dequantized)",
     }

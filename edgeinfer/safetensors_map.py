@@ -46,3 +46,17 @@ def unpack(words: np.ndarray, bits: int) -> np.ndarray:
     stream = np.unpackbits(b, axis=-1, bitorder="little")
     vals = stream.reshape(b.shape[0], -1, bits)
     return (vals * (1 << np.arange(bits, dtype=np.uint16))).sum(-1).astype(np.uint8)
+
+
+def drop_resident_pages(arrays: dict[str, np.ndarray]) -> None:
+    """Lets the OS drop the pages of the mapping behind ``arrays`` from this process (the file stays
+    cached): for a reader that copied what it needs and keeps only a few rows of the mapping in use."""
+    import mmap
+
+    for a in arrays.values():
+        while a is not None and not hasattr(a, "_mmap"):
+            a = getattr(a, "base", None)
+        mm = getattr(a, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+            return

@@ -24,7 +24,7 @@ import numpy as np
 from ..decode_tables import DecodeTables, check_arch, module_names
 from ..errors import EdgeInferError
 from ..package import Package
-from ..safetensors_map import map_safetensors, unpack
+from ..safetensors_map import drop_resident_pages, map_safetensors, unpack
 
 ABI = 4
 ACTS = {"f32": 0, "i16": 1}
@@ -139,6 +139,27 @@ def _blocked(a: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(a.reshape((m + pad) // 8, 8, -1, width).transpose(0, 2, 1, 3))
 
 
+def resident_bytes(pkg: Package) -> int:
+    """Bytes of the step's own copy of the linears (``NativeDecoder``), from the safetensors header alone:
+    values at 4 or 8 bits (others widened to 8), scales and biases as stored (bfloat16 as float32), rows
+    padded to a multiple of 8, the additive biases in float32."""
+    from ..memory import safetensors_index
+
+    index = safetensors_index(pkg.weights_path)
+    total = 0
+    for name in module_names(pkg):
+        bits, _ = _quant(pkg, name)
+        w, sc = index[f"{name}.weight"], index[f"{name}.scales"]
+        m = int(w["shape"][0])
+        mp = m + (-m % 8)
+        n = int(w["shape"][1]) * 32 // bits
+        total += mp * n * (4 if bits == 4 else 8) // 8
+        per = 2 if sc["dtype"] == "F16" and index[f"{name}.biases"]["dtype"] == "F16" else 4
+        total += 2 * mp * int(sc["shape"][1]) * per
+        total += 4 * m if f"{name}.bias" in index else 0
+    return total
+
+
 class NativeDecoder:
     """``step(token, pos, k_block, v_block) -> logits``, as the sparse engine's, on the native library."""
 
@@ -160,6 +181,7 @@ class NativeDecoder:
         for i, name in enumerate(names):
             lins[i] = self._linear(pkg, w, name)
         self._lins = lins
+        drop_resident_pages(w)  # the linears are copied; only embedding rows are read from the mapping now
         m = _Model()
         m.layers, m.heads, m.kv_heads, m.head_dim = s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim
         m.hidden, m.inter, m.qk_norm, m.sandwich = s.hidden_size, s.intermediate_size, int(s.qk_norm), int(s.sandwich_norm)
