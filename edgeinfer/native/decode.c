@@ -264,17 +264,32 @@ static inline __m256 p8_f32(const uint8_t *b, const float *x) {
     return t;
 }
 
-/* 8 vectors -> the vector of their 8 lane sums, in order */
-static inline __m256i sum8_i(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6, __m256i p7) {
-    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3));
-    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+/* 8 vectors p0..p7 -> two vectors of partial lane sums, a = rows [0 1 2 3 | 0 1 2 3] and b = rows
+ * [4 5 6 7 | 4 5 6 7] (each 128-bit half summing that half of the rows' lanes). The halves are added once
+ * per block, not per chunk: a cross-lane permute costs 8 uops on Zen 1. */
+static inline void sum8_i(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6, __m256i p7,
+                          __m256 *a, __m256 *b) {
+    *a = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3)));
+    *b = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7)));
 }
 
-static inline __m256 sum8_f(__m256 p0, __m256 p1, __m256 p2, __m256 p3, __m256 p4, __m256 p5, __m256 p6, __m256 p7) {
-    __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
-    __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(p4, p5), _mm256_hadd_ps(p6, p7));
-    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+static inline void sum8_f(__m256 p0, __m256 p1, __m256 p2, __m256 p3, __m256 p4, __m256 p5, __m256 p6, __m256 p7,
+                          __m256 *a, __m256 *b) {
+    *a = _mm256_hadd_ps(_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
+    *b = _mm256_hadd_ps(_mm256_hadd_ps(p4, p5), _mm256_hadd_ps(p6, p7));
+}
+
+/* The 8 rows' values of group g as [r0 r1 r2 r3 r0 r1 r2 r3] and [r4 r5 r6 r7 r4 r5 r6 r7]. */
+static inline void load8x2(const void *p, int s32, size_t i, __m256 *a, __m256 *b) {
+    if (s32) {
+        __m256 v = _mm256_loadu_ps((const float *)p + i);
+        *a = _mm256_permute2f128_ps(v, v, 0x00);
+        *b = _mm256_permute2f128_ps(v, v, 0x11);
+    } else {
+        __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+        *a = _mm256_cvtph_ps(_mm_unpacklo_epi64(v, v));
+        *b = _mm256_cvtph_ps(_mm_unpackhi_epi64(v, v));
+    }
 }
 
 static inline __m256 load8f(const void *p, int s32, int i) {
@@ -289,41 +304,55 @@ static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, f
     const uint8_t *w = L->q + (size_t)b * chunks * RB * cb;
     size_t sbase = (size_t)b * G * RB;
 #if EI_AVX2
-    __m256 acc = _mm256_setzero_ps(), off = _mm256_setzero_ps();
+    __m256 acc_a = _mm256_setzero_ps(), acc_b = acc_a, off_a = acc_a, off_b = acc_a;
     for (int g = 0; g < G; g++) {
-        __m256 sc = load8f(L->scales, L->s32, (int)(sbase + (size_t)g * RB));
-        off = _mm256_fmadd_ps(load8f(L->biases, L->s32, (int)(sbase + (size_t)g * RB)), _mm256_set1_ps(gs[g]), off);
+        __m256 sa, sb, ba, bb;
+        size_t si = sbase + (size_t)g * RB;
+        load8x2(L->scales, L->s32, si, &sa, &sb);
+        load8x2(L->biases, L->s32, si, &ba, &bb);
+        __m256 gv = _mm256_set1_ps(gs[g]);
+        off_a = _mm256_fmadd_ps(ba, gv, off_a);
+        off_b = _mm256_fmadd_ps(bb, gv, off_b);
         for (int k = 0; k < cpg; k++) {
             int c = g * cpg + k;
             const uint8_t *q = w + (size_t)c * RB * cb;
-            __m256 d;
+            __m256 da, db;
             if (a->act == ACT_I16) {
-                __m256i x0, x1, s;
+                __m256i x0, x1;
                 if (cb == 16) {
                     x0 = _mm256_loadu_si256((const __m256i *)(a->ie + 16 * c));
                     x1 = _mm256_loadu_si256((const __m256i *)(a->io + 16 * c));
-                    s = sum8_i(p4_i16(q, x0, x1), p4_i16(q + 16, x0, x1), p4_i16(q + 32, x0, x1), p4_i16(q + 48, x0, x1),
-                               p4_i16(q + 64, x0, x1), p4_i16(q + 80, x0, x1), p4_i16(q + 96, x0, x1), p4_i16(q + 112, x0, x1));
+                    sum8_i(p4_i16(q, x0, x1), p4_i16(q + 16, x0, x1), p4_i16(q + 32, x0, x1), p4_i16(q + 48, x0, x1),
+                           p4_i16(q + 64, x0, x1), p4_i16(q + 80, x0, x1), p4_i16(q + 96, x0, x1), p4_i16(q + 112, x0, x1), &da, &db);
                 } else {
                     x0 = _mm256_loadu_si256((const __m256i *)(a->i8 + 32 * c));
                     x1 = _mm256_loadu_si256((const __m256i *)(a->i8 + 32 * c + 16));
-                    s = sum8_i(p8_i16(q, x0, x1), p8_i16(q + 32, x0, x1), p8_i16(q + 64, x0, x1), p8_i16(q + 96, x0, x1),
-                               p8_i16(q + 128, x0, x1), p8_i16(q + 160, x0, x1), p8_i16(q + 192, x0, x1), p8_i16(q + 224, x0, x1));
+                    sum8_i(p8_i16(q, x0, x1), p8_i16(q + 32, x0, x1), p8_i16(q + 64, x0, x1), p8_i16(q + 96, x0, x1),
+                           p8_i16(q + 128, x0, x1), p8_i16(q + 160, x0, x1), p8_i16(q + 192, x0, x1), p8_i16(q + 224, x0, x1), &da, &db);
                 }
-                d = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a->xsc[c]));
-            } else if (cb == 16) {
+                __m256 st = _mm256_set1_ps(a->xsc[c]);
+                acc_a = _mm256_fmadd_ps(da, _mm256_mul_ps(sa, st), acc_a);
+                acc_b = _mm256_fmadd_ps(db, _mm256_mul_ps(sb, st), acc_b);
+                continue;
+            }
+            if (cb == 16) {
                 const float *xe = a->xe + 16 * c, *xo = a->xo + 16 * c;
-                d = sum8_f(p4_f32(q, xe, xo), p4_f32(q + 16, xe, xo), p4_f32(q + 32, xe, xo), p4_f32(q + 48, xe, xo),
-                           p4_f32(q + 64, xe, xo), p4_f32(q + 80, xe, xo), p4_f32(q + 96, xe, xo), p4_f32(q + 112, xe, xo));
+                sum8_f(p4_f32(q, xe, xo), p4_f32(q + 16, xe, xo), p4_f32(q + 32, xe, xo), p4_f32(q + 48, xe, xo),
+                       p4_f32(q + 64, xe, xo), p4_f32(q + 80, xe, xo), p4_f32(q + 96, xe, xo), p4_f32(q + 112, xe, xo), &da, &db);
             } else {
                 const float *x = a->x + 32 * c;
-                d = sum8_f(p8_f32(q, x), p8_f32(q + 32, x), p8_f32(q + 64, x), p8_f32(q + 96, x),
-                           p8_f32(q + 128, x), p8_f32(q + 160, x), p8_f32(q + 192, x), p8_f32(q + 224, x));
+                sum8_f(p8_f32(q, x), p8_f32(q + 32, x), p8_f32(q + 64, x), p8_f32(q + 96, x),
+                       p8_f32(q + 128, x), p8_f32(q + 160, x), p8_f32(q + 192, x), p8_f32(q + 224, x), &da, &db);
             }
-            acc = _mm256_fmadd_ps(d, sc, acc);
+            acc_a = _mm256_fmadd_ps(da, sa, acc_a);
+            acc_b = _mm256_fmadd_ps(db, sb, acc_b);
         }
     }
-    _mm256_storeu_ps(out, _mm256_add_ps(acc, off));
+    /* each row's two half sums, then its offset (duplicated in both halves: counted once) */
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc_a), _mm256_extractf128_ps(acc_a, 1));
+    __m128 hi = _mm_add_ps(_mm256_castps256_ps128(acc_b), _mm256_extractf128_ps(acc_b, 1));
+    _mm_storeu_ps(out, _mm_add_ps(lo, _mm256_castps256_ps128(off_a)));
+    _mm_storeu_ps(out + 4, _mm_add_ps(hi, _mm256_castps256_ps128(off_b)));
 #else
     /* Portable: the same order of work in plain loops over the 8 rows (vectorized by the compiler). */
     float acc[RB] = {0}, off[RB] = {0}, sc[RB], bi[RB];
