@@ -7,6 +7,12 @@ llama.cpp's lookup decoding and transformers' ``prompt_lookup_num_tokens`` do). 
 tokens, or a tree WIDTH x DEPTH (WIDTH candidates per depth: the draft model's best-scoring nodes, or
 up to WIDTH distinct n-gram continuations), verified with a tree attention mask and per-node positions.
 
+Prompt lookup backs off where its drafts do not pay (``Backoff``): after a step whose draft had no token
+accepted, found nothing to look up, or took longer than plain steps for the tokens it gave, it drafts
+nothing for 1, 2, 4, ... up to 16 steps (longer after a step that lost more than a plain step's time: that
+loss is paid back at 2% of the plain steps after it), which are then plain one-token steps; a step that
+pays ends the back-off. Text it cannot predict then decodes within a few percent of plain decoding.
+
 Acceptance keeps the target's output exact. Greedy: a drafted token is kept while it is the target's
 argmax, so the output is plain greedy decoding's. Sampling: the rule of Leviathan et al. and Chen et al.
 (2023), taken over several candidates per node as SpecInfer does: candidate c proposed from q is accepted
@@ -23,7 +29,9 @@ near-tie there may go the other way than in plain decoding.
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +187,57 @@ class NgramDraft:
         return d
 
 
+class Backoff:
+    """When to draft, for prompt lookup. A step that drafts and misses pauses drafting: for 1 step, then 2,
+    4, ... ``max_pause`` after each further miss in a row; a hit ends the pause for good. llama.cpp's
+    n-gram drafters do the like (a minimum draft, a reset after a run of low acceptance).
+
+    A miss is a draft with no token accepted, nothing to draft from, or a step that took longer than plain
+    decoding would have for the tokens it gave (its time against that many plain steps, whose time is an
+    average of the steps that did not draft). Where verifying is a little dearer than a one-token step
+    (MLX: 1.3x for 2 tokens, 1.8x for 5), the doubling pauses alone keep rejected drafts to a few percent.
+    A step that lost more than a whole plain step's time is paid back as well: the pause lasts until the
+    plain steps after it add up to 1/``cost_share`` times the loss. That bounds the cost where a
+    verification pass is much dearer than a step (the ONNX backend's one-token steps are the native
+    step's, a verification is a graph run: 10-15x a step for SmolLM2 on 2 busy cores). The first
+    ``warmup`` steps do not draft, to time plain steps first. ``cost_share=None``: misses by acceptance
+    only (deterministic)."""
+
+    def __init__(self, max_pause: int = 16, cost_share: float | None = 0.02, max_wait: int = 4096, warmup: int = 2):
+        self.max_pause, self.cost_share, self.max_wait = max_pause, cost_share, max_wait
+        self.misses = 0  # in a row
+        self.wait = warmup if cost_share else 0  # steps left without drafting
+        self.step_seconds: float | None = None  # a plain step, averaged
+
+    def drafting(self) -> bool:
+        """Whether this step drafts; a step that does not counts down the pause."""
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return True
+
+    def plain(self, seconds: float) -> None:
+        """A step that drafted nothing took ``seconds``."""
+        t = self.step_seconds
+        self.step_seconds = seconds if t is None else 0.7 * t + 0.3 * seconds
+
+    def record(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
+        """The outcome of a step that drafted (``drafted`` may be 0: nothing matched) and took ``seconds``."""
+        if drafted == 0 and seconds is not None:
+            self.plain(seconds)
+            seconds = None
+        lost = 0.0
+        if seconds is not None and self.cost_share and self.step_seconds:
+            lost = seconds - (accepted + 1) * self.step_seconds  # against plain decoding of the same tokens
+        if accepted > 0 and lost <= 0:
+            self.misses = 0
+            return
+        self.misses += 1
+        self.wait = min(1 << (self.misses - 1), self.max_pause)
+        if lost > 0 and lost > self.step_seconds:
+            self.wait = max(self.wait, min(self.max_wait, math.ceil(lost / (self.cost_share * self.step_seconds))))
+
+
 class DraftModel:
     """Another package as the drafter: it runs on the target's backend with its own KV cache, which is
     brought to the target's context (reusing the common prefix) before every draft."""
@@ -277,6 +336,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0  # tokens produced by verifications (accepted drafts + one of the target's own each)
+    paused: int = 0  # verifications with no draft because prompt lookup was backing off (Backoff)
     # per verification of an MoE model: distinct experts per layer (requested, kept under the budget)
     experts_per_step: list = field(default_factory=list)
 
@@ -287,7 +347,7 @@ class SpecStats:
 
     def to_dict(self) -> dict:
         d = dict(verifications=self.verifications, drafted=self.drafted, accepted=self.accepted,
-                 acceptance_length=round(self.acceptance_length, 3))
+                 acceptance_length=round(self.acceptance_length, 3), paused=self.paused)
         if self.experts_per_step:
             req, kept = np.mean(self.experts_per_step, axis=0)
             d["experts_per_layer_requested"], d["experts_per_layer_kept"] = round(float(req), 2), round(float(kept), 2)
@@ -297,6 +357,8 @@ class SpecStats:
         rate = self.accepted / self.drafted if self.drafted else 0.0
         s = (f"speculative: {self.acceptance_length:.2f} tok/verification over {self.verifications}, "
              f"accepted {self.accepted}/{self.drafted} drafts ({rate:.0%})")
+        if self.paused:
+            s += f", {self.paused} steps without a draft (lookup backing off)"
         if self.experts_per_step:
             req, kept = np.mean(self.experts_per_step, axis=0)
             s += f", experts/layer/verification {req:.1f} requested, {kept:.1f} kept"
@@ -307,10 +369,12 @@ class Speculator:
     """Speculative decoding for one target model: ``decode`` replaces the plain decode loop of
     ``Model.stream_ids``. ``draft``: "ngram" or a package folder; ``num_draft``: the chain's length at
     most (it adapts, see ``decode``); ``tree``: (width, depth) instead of a chain; ``expert_budget``: passed to the target's verification
-    forwards only (MoE expert budgeting; prefill is never capped)."""
+    forwards only (MoE expert budgeting; prefill is never capped); ``backoff``: prompt lookup pauses after
+    drafts that do not pay (``Backoff``: True for the default one, a factory of Backoff objects for
+    others, False to draft at every step)."""
 
     def __init__(self, target, draft: str = "ngram", num_draft: int = 4, tree: tuple[int, int] | str | None = None,
-                 expert_budget=None, **draft_opts):
+                 expert_budget=None, backoff=True, **draft_opts):
         check_options(draft, num_draft, tree if isinstance(tree, str) else None)
         self.num_draft = int(num_draft)
         self.tree = parse_tree(tree) if isinstance(tree, str) else tree
@@ -324,6 +388,7 @@ class Speculator:
         if self.tree is not None and isinstance(self.drafter, DraftModel) and hasattr(self.drafter.model.backend, "check_tree"):
             self.drafter.model.backend.check_tree()
         self.expert_budget = expert_budget
+        self.backoff = (Backoff if backoff is True else backoff) if isinstance(self.drafter, NgramDraft) else None
         self.stats = SpecStats()
 
     def describe(self) -> str:
@@ -396,6 +461,7 @@ class Speculator:
         # whole, 1 shallower otherwise. Verifying costs compute per drafted token (SmolLM2 on 2 CPU cores:
         # 9 tokens in one pass take 2.8x one token's time), so long drafts only pay while they are accepted.
         deep = depth
+        backoff = self.backoff() if self.backoff else None
         tok, n = int(y.item()), 0
         try:
             while n < budget:
@@ -411,7 +477,10 @@ class Speculator:
                     return
                 # near the end of the budget (and of the context) draft no more than may still be kept
                 now = min(deep, room) if self.tree is None else min(deep, max(1, room // width))
-                d = self.drafter.propose(history, width, now, self.tree is not None, sp, rng)
+                t_step = time.perf_counter()
+                drafting = backoff is None or backoff.drafting()
+                # backing off: a plain one-token step (the target's forward of the last token, as below)
+                d = self.drafter.propose(history, width, now, self.tree is not None, sp, rng) if drafting else Draft()
                 if len(d) > room:  # breadth-first order: a prefix is still a tree
                     d = Draft(d.tokens[:room], d.parents[:room], d.q[:room])
                 start = model.cache.offset
@@ -419,6 +488,13 @@ class Speculator:
                 path, nxt = self._accept(logits, d, history, sp, rng)
                 if len(d):
                     deep = min(depth, deep + 2) if len(path) == int(d.depths().max()) else max(1, deep - 1)
+                if backoff is not None:
+                    seconds = time.perf_counter() - t_step
+                    if drafting:
+                        backoff.record(len(d), len(path), seconds)
+                    else:
+                        backoff.plain(seconds)
+                        stats.paused += 1
                 kept = model.cache.compact(start, [0] + [i + 1 for i in path])
                 stats.verifications += 1
                 stats.drafted += len(d)

@@ -29,7 +29,7 @@ import edgeinfer
 from edgeinfer.converters.onnx_export import add_onnx_graph
 from edgeinfer.model import GenerationConfig
 from edgeinfer.sampling import SamplingParams
-from edgeinfer.speculative import NgramDraft, Speculator, parse_tree
+from edgeinfer.speculative import Backoff, NgramDraft, Speculator, parse_tree
 
 PROMPT = list(b"The quick brown fox jumps over the lazy dog; the quick brown fox")
 GEN = 160  # the tiny models' context is 256
@@ -166,6 +166,85 @@ def test_ngram_lookup_continues_the_latest_match():
     assert t.tokens == [7, 9, 8, 9, 5, 1] and t.parents == [-1, -1, 0, 1, 2, 3]
     assert d.continuations([4, 5, 6], 1, 3) == []
     assert d.continuations([4, 5, 6, 9, 5, 7, 5], 1, 6) == [[7, 5]]  # a 1-gram match drafts depth/3 tokens
+
+
+def test_backoff_pauses_longer_after_each_miss_and_resumes_on_an_accept():
+    b = Backoff(max_pause=16, cost_share=None)  # by acceptance only
+    pauses = []
+    for i in range(7):  # misses in a row: a draft with nothing accepted, or nothing to draft
+        assert b.drafting()
+        b.record(3 if i % 2 else 0, 0)
+        n = 0
+        while not b.drafting():
+            n += 1
+        pauses.append(n)
+    assert pauses == [1, 2, 4, 8, 16, 16, 16]
+    b.record(4, 1)  # one token accepted: no pause, and the next miss starts again from 1
+    assert b.drafting()
+    b.record(2, 0)
+    assert not b.drafting() and b.drafting()
+
+
+def test_backoff_pays_back_a_step_that_was_slower_than_plain_decoding():
+    b = Backoff(cost_share=0.02)
+    assert not b.drafting() and not b.drafting() and b.drafting()  # two plain steps first, timed
+    b.plain(0.010)
+    b.plain(0.010)
+    assert b.step_seconds == pytest.approx(0.010)
+    # a verification that gave 2 tokens in 150 ms, where plain steps give them in 20 ms: 130 ms lost, paid back
+    # at 2% of the plain steps' time after it, 650 steps
+    b.record(4, 1, 0.150)
+    assert abs(b.wait - 650) <= 1 and b.misses == 1
+    b.wait = 0
+    b.record(4, 2, 0.025)  # 3 tokens in 25 ms: faster than plain, a hit
+    assert b.wait == 0 and b.misses == 0 and b.drafting()
+    b.record(4, 0, 0.013)  # nothing accepted: a miss, 3 ms lost (less than a step): the doubling pause alone
+    assert b.wait == 1
+    b.wait = 0
+    b.record(0, 0, 0.011)  # nothing to draft from: a plain step's time, and a miss without a loss
+    assert b.wait == 2 and b.step_seconds == pytest.approx(0.7 * 0.010 + 0.3 * 0.011)
+    b.wait = 0
+    b.record(4, 1, 1.0)  # one huge loss is paid back within max_wait
+    assert b.wait == b.max_wait
+
+
+@pytest.mark.parametrize("arch, backend", [("llama", "mlx"), ("llama", "onnx"), ("qwen3", "mlx"), ("mistral", "onnx"), ("qwen2", "mlx")])
+def test_ngram_backoff_drafts_less_where_nothing_is_accepted(loaded, arch, backend):
+    """A random model's bytes after a prompt they have nothing to do with: most lookups find a short match
+    whose draft is rejected. Backing off (by acceptance alone, and with the cost rule too, which can only
+    pause more) drafts less than half as many tokens, and the greedy output stays plain decoding's."""
+    m = loaded(arch, backend)
+    prompt = list(b"Pack my box with five dozen liquor jugs.")
+    plain = generate(m, GEN, prompt=prompt)
+    eager = Speculator(m, draft="ngram", num_draft=4, backoff=False)
+    assert generate(m, GEN, eager, prompt=prompt) == plain
+    e = eager.stats
+    assert e.drafted > 40 and e.accepted < e.drafted / 2 and e.paused == 0  # lookup rarely right here
+    for backoff in (lambda: Backoff(cost_share=None), True):
+        spec = Speculator(m, draft="ngram", num_draft=4, backoff=backoff)
+        assert generate(m, GEN, spec, prompt=prompt) == plain
+        b = spec.stats
+        assert b.drafted < e.drafted / 2 and b.paused > GEN / 3, (b.to_dict(), e.to_dict())
+        assert b.verifications + b.accepted >= len(plain) - 1  # every token still comes out of a step
+        assert "steps without a draft (lookup backing off)" in b.line() and b.to_dict()["paused"] == b.paused
+
+
+def test_backoff_leaves_a_repetitive_text_drafted(loaded):
+    """Where lookup is right (the tiny Gemma 3 repeats itself after this prompt: 69 of 81 drafts accepted),
+    the back-off keeps nearly all of what drafting at every step gains."""
+    m = loaded("gemma3", "mlx")
+    prompt = list(b"Pack my box with five dozen liquor jugs.")
+    plain = generate(m, GEN, prompt=prompt)
+    # by acceptance only, so that the counts do not depend on this machine's timing (the cost rule's own test
+    # is above)
+    spec = Speculator(m, draft="ngram", num_draft=4, backoff=lambda: Backoff(cost_share=None))
+    assert generate(m, GEN, spec, prompt=prompt) == plain
+    eager = Speculator(m, draft="ngram", num_draft=4, backoff=False)
+    assert generate(m, GEN, eager, prompt=prompt) == plain
+    assert eager.stats.accepted > 0.7 * eager.stats.drafted
+    # measured: 65 of 69 accepted tokens kept, 95 target passes against 91 (pauses mostly where nothing matched)
+    assert spec.stats.accepted >= 0.9 * eager.stats.accepted, spec.stats.to_dict()
+    assert spec.stats.verifications <= 1.1 * eager.stats.verifications, spec.stats.to_dict()
 
 
 # -- sampling keeps the target's distribution --------------------------------------------------------------
@@ -345,6 +424,7 @@ def test_smollm2_prompt_lookup_on_a_code_edit(smollm2_package):
     ids = m.tokenizer.encode_chat([{"role": "user", "content": "Rename `result` to `value` in this code and print all "
                                                                   "of it again:\n\n" + code}])
     plain = generate(m, 48, prompt=ids)
-    spec = Speculator(m, draft="ngram", num_draft=6)
+    # the back-off by acceptance only: its cost rule times the steps, which on a busy machine may pause more
+    spec = Speculator(m, draft="ngram", num_draft=6, backoff=lambda: Backoff(cost_share=None))
     assert generate(m, 48, spec, prompt=ids) == plain
     assert spec.stats.acceptance_length > 1.4
