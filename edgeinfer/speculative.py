@@ -201,7 +201,8 @@ class Backoff:
     verification pass is much dearer than a step (the ONNX backend's one-token steps are the native
     step's, a verification is a graph run: 10-15x a step for SmolLM2 on 2 busy cores). The first
     ``warmup`` steps do not draft, to time plain steps first. ``cost_share=None``: misses by acceptance
-    only (deterministic)."""
+    only (deterministic). A Speculator keeps its Backoff from one answer to the next (chat turns, bench
+    repetitions), so that a loss learned in one is not paid again in the next."""
 
     def __init__(self, max_pause: int = 16, cost_share: float | None = 0.02, max_wait: int = 4096, warmup: int = 2):
         self.max_pause, self.cost_share, self.max_wait = max_pause, cost_share, max_wait
@@ -389,6 +390,7 @@ class Speculator:
             self.drafter.model.backend.check_tree()
         self.expert_budget = expert_budget
         self.backoff = (Backoff if backoff is True else backoff) if isinstance(self.drafter, NgramDraft) else None
+        self._backoff = None  # made at the first decode and kept: what it learned holds for the next answers
         self.stats = SpecStats()
 
     def describe(self) -> str:
@@ -461,7 +463,9 @@ class Speculator:
         # whole, 1 shallower otherwise. Verifying costs compute per drafted token (SmolLM2 on 2 CPU cores:
         # 9 tokens in one pass take 2.8x one token's time), so long drafts only pay while they are accepted.
         deep = depth
-        backoff = self.backoff() if self.backoff else None
+        if self.backoff and self._backoff is None:
+            self._backoff = self.backoff()
+        backoff = self._backoff
         tok, n = int(y.item()), 0
         try:
             while n < budget:

@@ -229,6 +229,24 @@ def test_ngram_backoff_drafts_less_where_nothing_is_accepted(loaded, arch, backe
         assert "steps without a draft (lookup backing off)" in b.line() and b.to_dict()["paused"] == b.paused
 
 
+def test_backoff_lasts_from_one_answer_to_the_next(loaded):
+    """A chat's turns share the model's Speculator: what the back-off learned (a pause, the plain step's time)
+    carries over instead of being paid for again."""
+    m = loaded("llama", "mlx")
+    made = []
+
+    def factory():
+        made.append(Backoff())
+        return made[-1]
+
+    prompt = list(b"Pack my box with five dozen liquor jugs.")
+    plain = generate(m, 40, prompt=prompt)
+    spec = Speculator(m, draft="ngram", num_draft=4, backoff=factory)
+    assert generate(m, 40, spec, prompt=prompt) == plain
+    assert generate(m, 40, spec, prompt=prompt) == plain
+    assert len(made) == 1 and made[0].step_seconds is not None and spec.stats.paused > 0
+
+
 def test_backoff_leaves_a_repetitive_text_drafted(loaded):
     """Where lookup is right (the tiny Gemma 3 repeats itself after this prompt: 69 of 81 drafts accepted),
     the back-off keeps nearly all of what drafting at every step gains."""
