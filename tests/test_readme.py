@@ -37,3 +37,30 @@ def test_the_python_snippet_runs_and_ends_with_the_stats_on_their_own_line(smoll
     assert lines[0].strip() and not STATS.search(lines[0])  # generate()'s text
     streamed = "\n".join(lines[1:-1])
     assert streamed.strip() and not STATS.search(streamed)  # the joke, without the stats glued on
+
+
+@pytest.mark.slow
+def test_the_prompt_lookup_example_pays_and_keeps_greedy_output(smollm2_package):
+    """Issue 20, item 7: the README's --draft ngram example is a code edit, where prompt lookup drafts most of
+    the answer; on MLX (exact) its greedy output is plain decoding's."""
+    import shlex
+
+    import edgeinfer
+    from edgeinfer.model import GenerationConfig
+    from edgeinfer.speculative import Backoff, Speculator
+
+    line = next(ln for ln in README.read_text(encoding="utf-8").splitlines() if "--draft ngram" in ln and "< " in ln)
+    words = shlex.split(line.split("#")[0])
+    prompt = (ROOT / words[words.index("<") + 1]).read_text(encoding="utf-8")
+    assert {"--chat", "-p", "-"} <= set(words) and "def moving_average" in prompt
+    m = edgeinfer.load(smollm2_package, backend="mlx")
+    ids = m.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+
+    def run(spec):
+        m.reset()
+        return list(m.stream_ids(ids, GenerationConfig(max_tokens=40, speculative=spec)))
+
+    plain = run(False)
+    spec = Speculator(m, draft="ngram", num_draft=4, backoff=lambda: Backoff(cost_share=None))  # not timed: deterministic
+    assert run(spec) == plain
+    assert spec.stats.acceptance_length > 2.0, spec.stats.line()
