@@ -193,11 +193,11 @@ class NativeDecoder:
         m.inv_freq, m.windows = t.inv_freq.ctypes.data, t.windows.ctypes.data
         m.lin = ctypes.addressof(lins)
         self._model = m
-        self.threads = int(threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.threads = int(threads or cores)
         self._ctx = self.lib.ei_new(ctypes.byref(m), self.threads, ACTS[act])
         if not self._ctx:
             raise EdgeInferError("the native decode step could not allocate its buffers")
-        self._logits = np.empty(s.vocab_size, np.float32)
 
     def _linear(self, pkg: Package, w: dict, name: str) -> _Linear:
         bits, group = _quant(pkg, name)
