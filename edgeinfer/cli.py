@@ -69,9 +69,10 @@ def _add_sparsity(p: argparse.ArgumentParser) -> None:
                         "dense (default 0: dense)")
 
 
-def _add_speculative(p: argparse.ArgumentParser) -> None:
-    from .speculative import MAX_DRAFT
+MAX_DRAFT = 64  # edgeinfer.speculative.MAX_DRAFT, not imported here: it brings numpy into every command's start (a test checks)
 
+
+def _add_speculative(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft", default=None, metavar="PKG|ngram",
                    help="draft tokens cheaply and verify them with the model in one pass: a smaller package with the same "

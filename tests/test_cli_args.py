@@ -116,3 +116,14 @@ def test_generate_max_tokens_minus_one_from_the_shell():
     r = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "generate", "-p", "hi", "--max-tokens", "-1"],
                        capture_output=True, text=True, env=cli_env(), timeout=120)
     assert (r.returncode, r.stdout, r.stderr) == (2, "", "edgeinfer: --max-tokens must be at least 1, not -1\n")
+
+
+def test_the_parser_imports_no_numpy_and_knows_the_draft_limit():
+    """Building the parser stays light (`edgeinfer --help`, `models`, `meters` import no numpy); the --num-draft
+    limit it checks is speculative decoding's."""
+    code = ("import sys, edgeinfer.cli as c; c.build_parser(); print('numpy' in sys.modules, c.MAX_DRAFT)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.stdout.split() == ["False", "64"], r.stderr
+    from edgeinfer.speculative import MAX_DRAFT
+
+    assert MAX_DRAFT == 64
