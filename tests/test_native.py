@@ -58,9 +58,16 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.packbits(stream, axis=1, bitorder="little").view(np.uint32)
 
 
+_DECODERS: dict = {}
+
+
 def _decoder(monkeypatch, variant, act, pkg):
+    """One decoder per build, activation mode and package for the module (each repacks every linear)."""
     monkeypatch.setenv("EDGEINFER_NATIVE", variant)
-    return native.NativeDecoder(pkg, threads=2, act=act)
+    key = (variant, act, str(pkg.path))
+    if key not in _DECODERS:
+        _DECODERS[key] = native.NativeDecoder(pkg, threads=2, act=act)
+    return _DECODERS[key]
 
 
 @needs_build

@@ -26,7 +26,7 @@ from ..errors import EdgeInferError
 from ..package import Package
 from ..safetensors_map import drop_resident_pages, map_safetensors, unpack
 
-ABI = 4
+ABI = 5
 ACTS = {"f32": 0, "i16": 1}
 MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row stack buffers
 
@@ -129,19 +129,47 @@ def unavailable(pkg: Package) -> str | None:
     return None
 
 
-def _blocked(a: np.ndarray, width: int) -> np.ndarray:
-    """[m, k * width] -> blocks of 8 rows: [m / 8, k, 8, width], rows padded with zeros to a multiple of 8
-    (decode.c's layout: a block's 8 rows of one chunk, or of one group's scales, side by side)."""
+def _blocked(a: np.ndarray) -> np.ndarray:
+    """Per-group values [m, groups] -> [m / 8, groups, 8], rows padded with zeros to a multiple of 8
+    (decode.c's layout of scales and biases: a block's 8 rows of one group side by side)."""
     m = a.shape[0]
     pad = -m % 8
     if pad:
         a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-    return np.ascontiguousarray(a.reshape((m + pad) // 8, 8, -1, width).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(a.reshape((m + pad) // 8, 8, -1).transpose(0, 2, 1))
+
+
+def tile_bits(bits: int) -> int:
+    """The width decode.c computes values of ``bits`` at: 4 and 5 as they are, the others widened to 8."""
+    return bits if bits in (4, 5) else 8
+
+
+def _tiles(v: np.ndarray, bits: int) -> np.ndarray:
+    """Values [m, n] (uint8, each < 2**bits) -> decode.c's tiles of 8 rows by 32 inputs, [m / 8, n / 32, bytes]
+    (its block8 comment has the layout); rows padded with zeros to a multiple of 8."""
+    m, n = v.shape
+    pad = -m % 8
+    if pad:
+        v = np.concatenate([v, np.zeros((pad, n), v.dtype)])
+    mb, c = (m + pad) // 8, n // 32
+    v = v.reshape(mb, 8, c, 32).astype(np.uint16)
+    if bits == 8:  # input 4l + 2h + j of row r -> byte h of word (l, 2r + j)
+        t = v.reshape(mb, 8, c, 8, 2, 2).transpose(0, 2, 3, 1, 5, 4)
+        return np.ascontiguousarray(t[..., 0] | t[..., 1] << 8).view(np.uint8).reshape(mb, c, 256)
+    # input 8l + 2k + j of row r -> nibble k of word (l, 2r + j); for 5 bits its fifth bit -> bit 4l + k of word 2r + j
+    t = v.reshape(mb, 8, c, 4, 4, 2).transpose(0, 2, 3, 1, 5, 4)
+    lo = (t & 15) << (4 * np.arange(4, dtype=np.uint16))
+    out = np.bitwise_or.reduce(lo, axis=-1).astype(np.uint16).view(np.uint8).reshape(mb, c, 128)
+    if bits == 4:
+        return np.ascontiguousarray(out)
+    hi = (t.transpose(0, 1, 3, 4, 2, 5) >> 4) << np.arange(16, dtype=np.uint16).reshape(4, 4)  # [mb, c, r, j, l, k]
+    hi = np.bitwise_or.reduce(hi.reshape(mb, c, 16, 16), axis=-1).astype(np.uint16).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([out, hi.reshape(mb, c, 32)], axis=2))
 
 
 def resident_bytes(pkg: Package) -> int:
     """Bytes of the step's own copy of the linears (``NativeDecoder``), from the safetensors header alone:
-    values at 4 or 8 bits (others widened to 8), scales and biases as stored (bfloat16 as float32), rows
+    values at 4, 5 or 8 bits (others widened to 8), scales and biases as stored (bfloat16 as float32), rows
     padded to a multiple of 8, the additive biases in float32."""
     from ..memory import safetensors_index
 
@@ -153,7 +181,7 @@ def resident_bytes(pkg: Package) -> int:
         m = int(w["shape"][0])
         mp = m + (-m % 8)
         n = int(w["shape"][1]) * 32 // bits
-        total += mp * n * (4 if bits == 4 else 8) // 8
+        total += mp * n * tile_bits(bits) // 8
         per = 2 if sc["dtype"] == "F16" and index[f"{name}.biases"]["dtype"] == "F16" else 4
         total += 2 * mp * int(sc["shape"][1]) * per
         total += 4 * m if f"{name}.bias" in index else 0
@@ -204,11 +232,6 @@ class NativeDecoder:
         q = np.asarray(w[f"{name}.weight"])
         m = q.shape[0]
         n = q.shape[1] * 32 // bits
-        if bits in (4, 8):
-            rows = q.view(np.uint8).reshape(m, -1)
-        else:  # 2/3/5/6 bits: widened to one byte a value, exactly (as the ONNX graph does)
-            rows = np.ascontiguousarray(unpack(q, bits))
-            bits = 8
         if n % 32 or n // group > MAX_GROUPS or n // 32 > MAX_CHUNKS:
             raise EdgeInferError(f"the native decode step cannot read {name} ({m}x{n}, groups of {group})")
         sc, bi = np.asarray(w[f"{name}.scales"]), np.asarray(w[f"{name}.biases"])
@@ -216,13 +239,14 @@ class NativeDecoder:
         if s32:
             sc, bi = sc.astype(np.float32), bi.astype(np.float32)
         bias = np.asarray(w[f"{name}.bias"], np.float32) if f"{name}.bias" in w else None
-        arrs = [_blocked(rows, 16 if bits == 4 else 32), _blocked(sc, 1), _blocked(bi, 1)]
+        tb = tile_bits(bits)  # 2/3/6 bits are widened to 8, exactly (as the ONNX graph does)
+        arrs = [_tiles(unpack(q, bits), tb), _blocked(sc), _blocked(bi)]
         arrs += [np.ascontiguousarray(bias)] if bias is not None else []
         self._keep.extend(arrs)
         lin = _Linear()
         lin.q, lin.scales, lin.biases = arrs[0].ctypes.data, arrs[1].ctypes.data, arrs[2].ctypes.data
         lin.bias = arrs[3].ctypes.data if bias is not None else None
-        lin.row_bytes, lin.n_in, lin.m_out, lin.bits, lin.group, lin.s32 = rows.shape[1], n, m, bits, group, int(s32)
+        lin.row_bytes, lin.n_in, lin.m_out, lin.bits, lin.group, lin.s32 = n * tb // 8, n, m, tb, group, int(s32)
         return lin
 
     def step(self, token: int, pos: int, kcache: np.ndarray, vcache: np.ndarray) -> np.ndarray:

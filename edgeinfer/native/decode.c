@@ -1,16 +1,16 @@
 /* edgeinfer's native decode step: one call runs a token through every layer and the head.
  *
- * It reads the package's own weights (MLX's affine layout: row-major [out, in] values, 4 or 8 bits,
- * w = scale * q + bias per group of inputs, scales and biases float16 or float32) straight from the
- * memory-mapped model.safetensors, and writes its keys and values into the same KV buffers as the ONNX
+ * It reads the package's own weights (MLX's affine layout: row-major [out, in] values of 4, 5 or 8 bits,
+ * others widened to 8, w = scale * q + bias per group of inputs, scales and biases float16 or float32),
+ * repacked once at load (see the tiles below), and writes its keys and values into the same KV buffers as the ONNX
  * graph, which does prefill. Nothing is re-quantized, so the step computes the package's model:
  *
  *   y_m = sum_G scale_mG * (q_mG . x_G) + bias_mG * sum(x_G)
  *
  * Activations: ACT_F32 multiplies in float32 (the reference); ACT_I16 rounds each 32-input chunk of x to
  * int16 against the chunk's own max (error <= 2^-16 of that max, against 2^-8 for llama.cpp's int8 and
- * 2^-11 for the float16 activations of a GPU), so q . x is two vpmaddwd per 32 weights instead of four
- * converts and four FMAs. Both accumulate in float32 per chunk.
+ * 2^-11 for the float16 activations of a GPU), so q . x is one vpmaddwd per 16 weights, summed exactly in
+ * int32 over the chunk. Both accumulate in float32 per chunk.
  *
  * Built twice by setup.py: with -mavx2 -mfma -mf16c on x86-64 (the intrinsics below), and without (plain
  * loops the compiler vectorizes: NEON on aarch64, SSE2 elsewhere); Python picks by the CPU's flags.
@@ -30,13 +30,13 @@
 #define EI_AVX2 0
 #endif
 
-#define EI_ABI 4
+#define EI_ABI 5
 #define MAX_THREADS 64
 
 enum { ACT_F32 = 0, ACT_I16 = 1 };
 
 typedef struct {
-    const uint8_t *q;      /* blocks of 8 rows (see block8), m_out padded to a multiple of 8 */
+    const uint8_t *q;      /* tiles of 8 rows by 32 inputs (see block8), m_out padded to a multiple of 8 */
     const void *scales;    /* [m_out / 8][n_in / group][8], float16 bits or float32 */
     const void *biases;
     const float *bias;     /* [m_out] or NULL: the layer's additive bias (Qwen2's q/k/v) */
@@ -202,15 +202,13 @@ static void to_float(const void *src, int s32, float *dst, int n) {
 typedef struct {
     int n, act;
     const float *x;
-    float *xe, *xo;       /* 4-bit rows: each byte holds inputs 2b (low nibble) and 2b+1 (high) */
-    int16_t *ie, *io, *i8;  /* ACT_I16: the same, rounded; i8 in the inputs' own order (8-bit rows) */
+    int16_t *xi;          /* ACT_I16: x rounded per 32-input chunk, in the inputs' own order */
     float *xsc;           /* [n / 32]: the int16 step of each chunk (1 for ACT_F32) */
     float *sums;          /* [n / 32]: exact float sum of each chunk */
 } act_t;
 
 static void prepare(act_t *a, const float *x, int n, int act) {
     a->n = n; a->act = act; a->x = x;
-    for (int i = 0; i < n / 2; i++) { a->xe[i] = x[2 * i]; a->xo[i] = x[2 * i + 1]; }
     for (int c = 0; c < n / 32; c++) {
         const float *v = x + 32 * c;
         float s = 0.f, amax = 0.f;
@@ -219,142 +217,125 @@ static void prepare(act_t *a, const float *x, int n, int act) {
         if (act != ACT_I16) { a->xsc[c] = 1.f; continue; }
         float step = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
         a->xsc[c] = step;
-        for (int i = 0; i < 32; i++) a->i8[32 * c + i] = (int16_t)lrintf(v[i] * inv);
-        for (int i = 0; i < 16; i++) { a->ie[16 * c + i] = a->i8[32 * c + 2 * i]; a->io[16 * c + i] = a->i8[32 * c + 2 * i + 1]; }
+        for (int i = 0; i < 32; i++) a->xi[32 * c + i] = (int16_t)lrintf(v[i] * inv);
     }
 }
 
-/* ------------------------------------------------------------------------------- blocks of 8 rows */
-/* The weights are repacked at load (edgeinfer/native/__init__.py) into blocks of 8 output rows: for block
- * b and 32-input chunk c, the 8 rows' bytes of that chunk side by side (16 bytes a row at 4 bits, 32 at
- * 8), and for group g the 8 rows' scales and biases side by side. One pass over a block then reads one
- * stream, shares each chunk of x among 8 rows, and ends with the 8 outputs in one vector: no per-row
- * horizontal sums, scale conversions or latency chains (the row-at-a-time kernel ran at 24 cycles a chunk
- * in cache, this one at about a third of that). */
+/* ------------------------------------------------------------------------------- tiles of 8 rows */
+/* The weights are repacked at load (edgeinfer/native/__init__.py, _tiles) into tiles of 8 output rows by
+ * 32 inputs, stored as 16-bit words, so that lane pair (2r, 2r+1) of a word vector belongs to row r:
+ *
+ *   4 bits (128 bytes): 4 vectors of 16 words; vector l, word 2r+j holds in nibble k the value of row r,
+ *                       input 8l + 2k + j;
+ *   5 bits (160 bytes): the 4-bit tile of the low nibbles, then one vector whose word 2r+j holds in bit
+ *                       4l + k the fifth bit of that same value;
+ *   8 bits (256 bytes): 8 vectors; vector l, word 2r+j holds row r's inputs 4l + j (low byte) and
+ *                       4l + 2 + j (high byte).
+ *
+ * A shift and a mask turn a vector into 16 int16 weights, and vpmaddwd against a broadcast pair of inputs
+ * adds row r's two products into int32 lane r: the 8 rows' dot products end in one vector, with no
+ * widening shuffles and no horizontal sums (the layout before this, one row's bytes per 128-bit lane,
+ * spent half its uops on vpmovzxbw and vphaddd). Scales and biases: [m / 8][groups][8]. */
 #define RB 8
 
-#if EI_AVX2
-static inline __m256i p4_i16(const uint8_t *b, __m256i xe, __m256i xo) {
-    const __m128i m4 = _mm_set1_epi8(0x0f);
-    __m128i v = _mm_loadu_si128((const __m128i *)b);
-    __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(lo), xe), _mm256_madd_epi16(_mm256_cvtepu8_epi16(hi), xo));
-}
+static inline int tile_bytes(int bits) { return bits == 4 ? 128 : bits == 5 ? 160 : 256; }
 
-static inline __m256i p8_i16(const uint8_t *b, __m256i x0, __m256i x1) {
-    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)b)), x0),
-                            _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + 16))), x1));
-}
-
-static inline __m256 p4_f32(const uint8_t *b, const float *xe, const float *xo) {
-    const __m128i m4 = _mm_set1_epi8(0x0f);
-    __m128i v = _mm_loadu_si128((const __m128i *)b);
-    __m128i lo = _mm_and_si128(v, m4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
-    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xe));
-    t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xe + 8), t);
-    t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xo), t);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xo + 8), t);
-}
-
-static inline __m256 p8_f32(const uint8_t *b, const float *x) {
-    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b))), _mm256_loadu_ps(x));
-    for (int k = 8; k < 32; k += 8)
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + k)))),
-                            _mm256_loadu_ps(x + k), t);
-    return t;
-}
-
-/* 8 vectors p0..p7 -> two vectors of partial lane sums, a = rows [0 1 2 3 | 0 1 2 3] and b = rows
- * [4 5 6 7 | 4 5 6 7] (each 128-bit half summing that half of the rows' lanes). The halves are added once
- * per block, not per chunk: a cross-lane permute costs 8 uops on Zen 1. */
-static inline void sum8_i(__m256i p0, __m256i p1, __m256i p2, __m256i p3, __m256i p4, __m256i p5, __m256i p6, __m256i p7,
-                          __m256 *a, __m256 *b) {
-    *a = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1), _mm256_hadd_epi32(p2, p3)));
-    *b = _mm256_cvtepi32_ps(_mm256_hadd_epi32(_mm256_hadd_epi32(p4, p5), _mm256_hadd_epi32(p6, p7)));
-}
-
-static inline void sum8_f(__m256 p0, __m256 p1, __m256 p2, __m256 p3, __m256 p4, __m256 p5, __m256 p6, __m256 p7,
-                          __m256 *a, __m256 *b) {
-    *a = _mm256_hadd_ps(_mm256_hadd_ps(p0, p1), _mm256_hadd_ps(p2, p3));
-    *b = _mm256_hadd_ps(_mm256_hadd_ps(p4, p5), _mm256_hadd_ps(p6, p7));
-}
-
-/* The 8 rows' values of group g as [r0 r1 r2 r3 r0 r1 r2 r3] and [r4 r5 r6 r7 r4 r5 r6 r7]. */
-static inline void load8x2(const void *p, int s32, size_t i, __m256 *a, __m256 *b) {
-    if (s32) {
-        __m256 v = _mm256_loadu_ps((const float *)p + i);
-        *a = _mm256_permute2f128_ps(v, v, 0x00);
-        *b = _mm256_permute2f128_ps(v, v, 0x11);
-    } else {
-        __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-        *a = _mm256_cvtph_ps(_mm_unpacklo_epi64(v, v));
-        *b = _mm256_cvtph_ps(_mm_unpackhi_epi64(v, v));
+/* The value of row r, input i (0..31) of a tile: for the portable path and the float reference. */
+static inline int tile_value(const uint8_t *t, int bits, int r, int i) {
+    const uint16_t *w = (const uint16_t *)t;
+    if (bits == 8) {
+        int l = i / 4, h = (i % 4) / 2, j = i % 2;
+        return (w[16 * l + 2 * r + j] >> (8 * h)) & 0xff;
     }
+    int l = i / 8, k = (i % 8) / 2, j = i % 2;
+    int v = (w[16 * l + 2 * r + j] >> (4 * k)) & 15;
+    if (bits == 5) v |= ((w[64 + 2 * r + j] >> (4 * l + k)) & 1) << 4;
+    return v;
 }
 
-static inline __m256 load8f(const void *p, int s32, int i) {
+#if EI_AVX2
+/* Inputs 2p and 2p + 1 in every 32-bit lane: vbroadcastss from memory is a load, no shuffle uop. */
+static inline __m256i bcast_pair(const int16_t *x, int p) {
+    return _mm256_castps_si256(_mm256_broadcast_ss((const float *)(x + 2 * p)));
+}
+
+/* int32 lane r = row r's dot product over the tile's 32 inputs. */
+static inline __m256i tile_dot_4(const uint8_t *t, const int16_t *x) {
+    const __m256i m4 = _mm256_set1_epi16(15);
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
+    for (int l = 0; l < 4; l++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_and_si256(w, m4), bcast_pair(x, 4 * l)));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m4), bcast_pair(x, 4 * l + 1)));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 8), m4), bcast_pair(x, 4 * l + 2)));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_srli_epi16(w, 12), bcast_pair(x, 4 * l + 3)));
+    }
+    return _mm256_add_epi32(acc0, acc1);
+}
+
+/* The fifth bit of nibble k of vector l sits at bit 4l + k of h: moved to bit 4 of each word. */
+#define HI5(h, b) ((b) < 4 ? _mm256_slli_epi16(h, 4 - (b)) : (b) == 4 ? (h) : _mm256_srli_epi16(h, (b) - 4))
+#define NIB5(w, h, k, b, m4, m16) \
+    _mm256_or_si256((k) == 3 ? _mm256_srli_epi16(w, 12) : _mm256_and_si256((k) ? _mm256_srli_epi16(w, 4 * (k)) : (w), m4), \
+                    _mm256_and_si256(HI5(h, b), m16))
+
+static inline __m256i tile_dot_5(const uint8_t *t, const int16_t *x) {
+    const __m256i m4 = _mm256_set1_epi16(15), m16 = _mm256_set1_epi16(16);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)(t + 128));
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
+#define L5(l) do { \
+        __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * (l))); \
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(NIB5(w, h, 0, 4 * (l), m4, m16), bcast_pair(x, 4 * (l)))); \
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(NIB5(w, h, 1, 4 * (l) + 1, m4, m16), bcast_pair(x, 4 * (l) + 1))); \
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(NIB5(w, h, 2, 4 * (l) + 2, m4, m16), bcast_pair(x, 4 * (l) + 2))); \
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(NIB5(w, h, 3, 4 * (l) + 3, m4, m16), bcast_pair(x, 4 * (l) + 3))); \
+    } while (0)
+    L5(0); L5(1); L5(2); L5(3);
+#undef L5
+    return _mm256_add_epi32(acc0, acc1);
+}
+
+static inline __m256i tile_dot_8(const uint8_t *t, const int16_t *x) {
+    const __m256i m8 = _mm256_set1_epi16(255);
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
+    for (int l = 0; l < 8; l++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_and_si256(w, m8), bcast_pair(x, 2 * l)));
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_srli_epi16(w, 8), bcast_pair(x, 2 * l + 1)));
+    }
+    return _mm256_add_epi32(acc0, acc1);
+}
+
+static inline __m256 load8f(const void *p, int s32, size_t i) {
     return s32 ? _mm256_loadu_ps((const float *)p + i) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
 }
 #endif
 
 /* The 8 outputs of block b (without the layer's additive bias) into out[8]. */
 static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, float *out) {
-    int G = L->n_in / L->group, cpg = L->group / 32, chunks = L->n_in / 32;
-    int cb = L->bits == 4 ? 16 : 32;  /* bytes of one row's chunk */
-    const uint8_t *w = L->q + (size_t)b * chunks * RB * cb;
+    int G = L->n_in / L->group, cpg = L->group / 32, chunks = L->n_in / 32, tb = tile_bytes(L->bits);
+    const uint8_t *w = L->q + (size_t)b * chunks * tb;
     size_t sbase = (size_t)b * G * RB;
 #if EI_AVX2
-    __m256 acc_a = _mm256_setzero_ps(), acc_b = acc_a, off_a = acc_a, off_b = acc_a;
-    for (int g = 0; g < G; g++) {
-        __m256 sa, sb, ba, bb;
-        size_t si = sbase + (size_t)g * RB;
-        load8x2(L->scales, L->s32, si, &sa, &sb);
-        load8x2(L->biases, L->s32, si, &ba, &bb);
-        __m256 gv = _mm256_set1_ps(gs[g]);
-        off_a = _mm256_fmadd_ps(ba, gv, off_a);
-        off_b = _mm256_fmadd_ps(bb, gv, off_b);
-        for (int k = 0; k < cpg; k++) {
-            int c = g * cpg + k;
-            const uint8_t *q = w + (size_t)c * RB * cb;
-            __m256 da, db;
-            if (a->act == ACT_I16) {
-                __m256i x0, x1;
-                if (cb == 16) {
-                    x0 = _mm256_loadu_si256((const __m256i *)(a->ie + 16 * c));
-                    x1 = _mm256_loadu_si256((const __m256i *)(a->io + 16 * c));
-                    sum8_i(p4_i16(q, x0, x1), p4_i16(q + 16, x0, x1), p4_i16(q + 32, x0, x1), p4_i16(q + 48, x0, x1),
-                           p4_i16(q + 64, x0, x1), p4_i16(q + 80, x0, x1), p4_i16(q + 96, x0, x1), p4_i16(q + 112, x0, x1), &da, &db);
-                } else {
-                    x0 = _mm256_loadu_si256((const __m256i *)(a->i8 + 32 * c));
-                    x1 = _mm256_loadu_si256((const __m256i *)(a->i8 + 32 * c + 16));
-                    sum8_i(p8_i16(q, x0, x1), p8_i16(q + 32, x0, x1), p8_i16(q + 64, x0, x1), p8_i16(q + 96, x0, x1),
-                           p8_i16(q + 128, x0, x1), p8_i16(q + 160, x0, x1), p8_i16(q + 192, x0, x1), p8_i16(q + 224, x0, x1), &da, &db);
-                }
-                __m256 st = _mm256_set1_ps(a->xsc[c]);
-                acc_a = _mm256_fmadd_ps(da, _mm256_mul_ps(sa, st), acc_a);
-                acc_b = _mm256_fmadd_ps(db, _mm256_mul_ps(sb, st), acc_b);
-                continue;
+    if (a->act == ACT_I16) {
+        __m256 acc = _mm256_setzero_ps(), off = acc;
+        for (int g = 0; g < G; g++) {
+            size_t si = sbase + (size_t)g * RB;
+            __m256 sc = load8f(L->scales, L->s32, si);
+            off = _mm256_fmadd_ps(load8f(L->biases, L->s32, si), _mm256_set1_ps(gs[g]), off);
+            for (int k = 0; k < cpg; k++) {
+                int c = g * cpg + k;
+                const uint8_t *t = w + (size_t)c * tb;
+                const int16_t *x = a->xi + 32 * c;
+                __m256i d = L->bits == 4 ? tile_dot_4(t, x) : L->bits == 5 ? tile_dot_5(t, x) : tile_dot_8(t, x);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sc, _mm256_set1_ps(a->xsc[c])), acc);
             }
-            if (cb == 16) {
-                const float *xe = a->xe + 16 * c, *xo = a->xo + 16 * c;
-                sum8_f(p4_f32(q, xe, xo), p4_f32(q + 16, xe, xo), p4_f32(q + 32, xe, xo), p4_f32(q + 48, xe, xo),
-                       p4_f32(q + 64, xe, xo), p4_f32(q + 80, xe, xo), p4_f32(q + 96, xe, xo), p4_f32(q + 112, xe, xo), &da, &db);
-            } else {
-                const float *x = a->x + 32 * c;
-                sum8_f(p8_f32(q, x), p8_f32(q + 32, x), p8_f32(q + 64, x), p8_f32(q + 96, x),
-                       p8_f32(q + 128, x), p8_f32(q + 160, x), p8_f32(q + 192, x), p8_f32(q + 224, x), &da, &db);
-            }
-            acc_a = _mm256_fmadd_ps(da, sa, acc_a);
-            acc_b = _mm256_fmadd_ps(db, sb, acc_b);
         }
+        _mm256_storeu_ps(out, _mm256_add_ps(acc, off));
+        return;
     }
-    /* each row's two half sums, then its offset (duplicated in both halves: counted once) */
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc_a), _mm256_extractf128_ps(acc_a, 1));
-    __m128 hi = _mm_add_ps(_mm256_castps256_ps128(acc_b), _mm256_extractf128_ps(acc_b, 1));
-    _mm_storeu_ps(out, _mm_add_ps(lo, _mm256_castps256_ps128(off_a)));
-    _mm_storeu_ps(out + 4, _mm_add_ps(hi, _mm256_castps256_ps128(off_b)));
-#else
-    /* Portable: the same order of work in plain loops over the 8 rows (vectorized by the compiler). */
+#endif
+    /* Portable, and the float reference: the same order of work in plain loops over the 8 rows. */
     float acc[RB] = {0}, off[RB] = {0}, sc[RB], bi[RB];
     for (int g = 0; g < G; g++) {
         to_float((const char *)L->scales + (sbase + (size_t)g * RB) * (L->s32 ? 4 : 2), L->s32, sc, RB);
@@ -362,33 +343,24 @@ static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, f
         for (int r = 0; r < RB; r++) off[r] += bi[r] * gs[g];
         for (int k = 0; k < cpg; k++) {
             int c = g * cpg + k;
-            const uint8_t *q = w + (size_t)c * RB * cb;
+            const uint8_t *t = w + (size_t)c * tb;
             for (int r = 0; r < RB; r++) {
-                const uint8_t *qr = q + r * cb;
                 float d;
                 if (a->act == ACT_I16) {
-                    int32_t t = 0;
-                    if (cb == 16)
-                        for (int i = 0; i < 16; i++) t += (int32_t)(qr[i] & 15) * a->ie[16 * c + i] + (int32_t)(qr[i] >> 4) * a->io[16 * c + i];
-                    else
-                        for (int i = 0; i < 32; i++) t += (int32_t)qr[i] * a->i8[32 * c + i];
-                    d = (float)t * a->xsc[c];
+                    int32_t s = 0;
+                    for (int i = 0; i < 32; i++) s += tile_value(t, L->bits, r, i) * a->xi[32 * c + i];
+                    d = (float)s * a->xsc[c];
                 } else {
-                    float t = 0.f;
-                    if (cb == 16)
-                        for (int i = 0; i < 16; i++) t += (float)(qr[i] & 15) * a->xe[16 * c + i] + (float)(qr[i] >> 4) * a->xo[16 * c + i];
-                    else
-                        for (int i = 0; i < 32; i++) t += (float)qr[i] * a->x[32 * c + i];
-                    d = t;
+                    float s = 0.f;
+                    for (int i = 0; i < 32; i++) s += (float)tile_value(t, L->bits, r, i) * a->x[32 * c + i];
+                    d = s;
                 }
                 acc[r] += d * sc[r];
             }
         }
     }
     for (int r = 0; r < RB; r++) out[r] = acc[r] + off[r];
-#endif
 }
-
 /* Rows [r0, r1) of one linear into y; r0 is a multiple of 8. */
 static void linear_rows(const ei_linear *L, const act_t *a, int r0, int r1, float *y) {
     int G = L->n_in / L->group, cpg = L->group / 32;
@@ -506,9 +478,9 @@ void ei_free(ei_ctx *c) {
     if (!c) return;
     pool_free(c->pool);
     float **bufs[] = {&c->h, &c->q, &c->k, &c->v, &c->att, &c->o, &c->g, &c->u, &c->d, &c->probs, &c->cosb, &c->sinb,
-                      &c->a.xe, &c->a.xo, &c->a.xsc, &c->a.sums};
+                      &c->a.xsc, &c->a.sums};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(*bufs[i]);
-    free(c->a.ie); free(c->a.io); free(c->a.i8);
+    free(c->a.xi);
     free(c);
 }
 
@@ -521,12 +493,12 @@ ei_ctx *ei_new(const ei_model *m, int threads, int act) {
     c->h = calloc(H, 4); c->q = calloc((size_t)m->heads * D, 4); c->k = calloc((size_t)m->kv_heads * D, 4);
     c->v = calloc((size_t)m->kv_heads * D, 4); c->att = calloc((size_t)m->heads * D, 4); c->o = calloc(H, 4);
     c->g = calloc(I, 4); c->u = calloc(I, 4); c->d = calloc(H, 4); c->cosb = calloc(D, 4); c->sinb = calloc(D, 4);
-    c->a.xe = calloc(nmax, 4); c->a.xo = calloc(nmax, 4); c->a.xsc = calloc(nmax / 32 + 1, 4);
+    c->a.xsc = calloc(nmax / 32 + 1, 4);
     c->a.sums = calloc(nmax / 32 + 1, 4);
-    c->a.ie = calloc(nmax, 2); c->a.io = calloc(nmax, 2); c->a.i8 = calloc(nmax, 2);
+    c->a.xi = calloc(nmax, 2);
     c->pool = pool_new(threads);
     if (!c->h || !c->q || !c->k || !c->v || !c->att || !c->o || !c->g || !c->u || !c->d || !c->cosb || !c->sinb ||
-        !c->a.xe || !c->a.xo || !c->a.xsc || !c->a.sums || !c->a.ie || !c->a.io || !c->a.i8 || !c->pool) {
+        !c->a.xsc || !c->a.sums || !c->a.xi || !c->pool) {
         ei_free(c);
         return NULL;
     }
