@@ -26,14 +26,13 @@ from ..errors import EdgeInferError
 from ..package import Package
 from ..safetensors_map import drop_resident_pages, map_safetensors, unpack
 
-ABI = 5
+ABI = 6
 ACTS = {"f32": 0, "i16": 1}
 MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row stack buffers
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("q", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("biases", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("row_bytes", ctypes.c_int64), ("n_in", ctypes.c_int32),
+    _fields_ = [("q", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("row_bytes", ctypes.c_int64), ("n_in", ctypes.c_int32),
                 ("m_out", ctypes.c_int32), ("bits", ctypes.c_int32), ("group", ctypes.c_int32),
                 ("s32", ctypes.c_int32), ("pad", ctypes.c_int32)]
 
@@ -129,29 +128,22 @@ def unavailable(pkg: Package) -> str | None:
     return None
 
 
-def _blocked(a: np.ndarray) -> np.ndarray:
-    """Per-group values [m, groups] -> [m / 8, groups, 8], rows padded with zeros to a multiple of 8
-    (decode.c's layout of scales and biases: a block's 8 rows of one group side by side)."""
-    m = a.shape[0]
-    pad = -m % 8
-    if pad:
-        a = np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)])
-    return np.ascontiguousarray(a.reshape((m + pad) // 8, 8, -1).transpose(0, 2, 1))
-
-
 def tile_bits(bits: int) -> int:
     """The width decode.c computes values of ``bits`` at: 4 and 5 as they are, the others widened to 8."""
     return bits if bits in (4, 5) else 8
 
 
+def _pad8(a: np.ndarray) -> np.ndarray:
+    """Rows padded with zeros to a multiple of 8."""
+    pad = -a.shape[0] % 8
+    return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
+
+
 def _tiles(v: np.ndarray, bits: int) -> np.ndarray:
-    """Values [m, n] (uint8, each < 2**bits) -> decode.c's tiles of 8 rows by 32 inputs, [m / 8, n / 32, bytes]
-    (its block8 comment has the layout); rows padded with zeros to a multiple of 8."""
+    """Values [m, n] (uint8, each < 2**bits; m a multiple of 8) -> decode.c's tiles of 8 rows by 32 inputs,
+    [m / 8, n / 32, bytes] (the layout is described above its tile_value)."""
     m, n = v.shape
-    pad = -m % 8
-    if pad:
-        v = np.concatenate([v, np.zeros((pad, n), v.dtype)])
-    mb, c = (m + pad) // 8, n // 32
+    mb, c = m // 8, n // 32
     v = v.reshape(mb, 8, c, 32).astype(np.uint16)
     if bits == 8:  # input 4l + 2h + j of row r -> byte h of word (l, 2r + j)
         t = v.reshape(mb, 8, c, 8, 2, 2).transpose(0, 2, 3, 1, 5, 4)
@@ -165,6 +157,15 @@ def _tiles(v: np.ndarray, bits: int) -> np.ndarray:
     hi = (t.transpose(0, 1, 3, 4, 2, 5) >> 4) << np.arange(16, dtype=np.uint16).reshape(4, 4)  # [mb, c, r, j, l, k]
     hi = np.bitwise_or.reduce(hi.reshape(mb, c, 16, 16), axis=-1).astype(np.uint16).view(np.uint8)
     return np.ascontiguousarray(np.concatenate([out, hi.reshape(mb, c, 32)], axis=2))
+
+
+def _stream(values: np.ndarray, bits: int, scales: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """decode.c's stream of one linear: per block of 8 rows and group of inputs, the 8 scales, the 8 biases
+    (as stored: float16 or float32), then the group's tiles; [m / 8, groups, bytes]."""
+    t = _tiles(_pad8(values), bits)
+    mb, groups = t.shape[0], scales.shape[1]
+    per8 = lambda a: np.ascontiguousarray(_pad8(a).reshape(mb, 8, groups).transpose(0, 2, 1)).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([per8(scales), per8(biases), t.reshape(mb, groups, -1)], axis=2))
 
 
 def resident_bytes(pkg: Package) -> int:
@@ -240,12 +241,11 @@ class NativeDecoder:
             sc, bi = sc.astype(np.float32), bi.astype(np.float32)
         bias = np.asarray(w[f"{name}.bias"], np.float32) if f"{name}.bias" in w else None
         tb = tile_bits(bits)  # 2/3/6 bits are widened to 8, exactly (as the ONNX graph does)
-        arrs = [_tiles(unpack(q, bits), tb), _blocked(sc), _blocked(bi)]
-        arrs += [np.ascontiguousarray(bias)] if bias is not None else []
+        arrs = [_stream(unpack(q, bits), tb, sc, bi)] + ([np.ascontiguousarray(bias)] if bias is not None else [])
         self._keep.extend(arrs)
         lin = _Linear()
-        lin.q, lin.scales, lin.biases = arrs[0].ctypes.data, arrs[1].ctypes.data, arrs[2].ctypes.data
-        lin.bias = arrs[3].ctypes.data if bias is not None else None
+        lin.q = arrs[0].ctypes.data
+        lin.bias = arrs[1].ctypes.data if bias is not None else None
         lin.row_bytes, lin.n_in, lin.m_out, lin.bits, lin.group, lin.s32 = n * tb // 8, n, m, tb, group, int(s32)
         return lin
 
