@@ -64,13 +64,6 @@ def _notice(msg: str) -> None:
     print(f"edgeinfer: {msg}", file=sys.stderr)
 
 
-def _as_mx(a):
-    """The ONNX backend returns numpy logits; sampling runs in MLX either way."""
-    import mlx.core as mx
-
-    return a if isinstance(a, mx.array) else mx.array(a)
-
-
 def peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
@@ -190,7 +183,7 @@ class Model:
             part = rest[i : i + chunk]
             logits = self.backend.forward(part, self.cache, last_only=True)
             self.cache_tokens += part
-        return _as_mx(logits)[:, -1, :], common
+        return logits[:, -1, :], common
 
     # -- generation -------------------------------------------------------------------------------
     def stream_ids(self, ids: list[int], config: GenerationConfig) -> Iterator[int]:
@@ -217,7 +210,8 @@ class Model:
         last, st.reused_tokens = self._prefill(ids, config.prefill_chunk)
         history = list(ids)
         y = sampler(last, history)
-        mx.eval(y)
+        if isinstance(y, mx.array):
+            mx.eval(y)
         t1 = time.perf_counter()
         st.prefill_seconds = st.ttft = t1 - t0
         room = config.max_tokens if rotating else self.cache.max_tokens - self.cache.offset
@@ -240,8 +234,9 @@ class Model:
                     # the caller prints (mlx-lm's double buffering).
                     logits = self.backend.forward([tok], self.cache, lazy=True)
                     self.cache_tokens.append(tok)
-                    y = sampler(_as_mx(logits)[:, -1, :], history)
-                    mx.async_eval(y)
+                    y = sampler(logits[:, -1, :], history)
+                    if isinstance(y, mx.array):
+                        mx.async_eval(y)
                 yield tok
         finally:
             st.decode_seconds = time.perf_counter() - t1
