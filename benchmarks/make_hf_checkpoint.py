@@ -1,5 +1,5 @@
 """Writes a Hugging Face checkpoint folder (config.json, safetensors, tokenizer) from an edgeinfer
-package of the Llama family, with its weights dequantized: a real-size HF source for measuring the HF
+package of the Llama family or Qwen2, with its weights dequantized: a real-size HF source for measuring the HF
 conversion path (time, peak memory) where the hub cannot be reached.
 
     python benchmarks/make_hf_checkpoint.py models/smollm2-135m-instruct /tmp/hf-smollm2 --dtype bfloat16
@@ -49,8 +49,8 @@ def main() -> int:
     a = ap.parse_args()
     pkg = open_package(a.package)
     s = pkg.spec
-    if s.arch not in ("llama", "mistral"):
-        raise SystemExit("only Llama-family packages are supported by this script")
+    if s.arch not in ("llama", "mistral", "qwen2"):
+        raise SystemExit("only Llama-family and Qwen2 packages are supported by this script")
     f = SafetensorsFile(pkg.weights_path)
     quant = pkg.quantization
     tensors = {}
@@ -73,7 +73,8 @@ def main() -> int:
               metadata={"format": "pt"})
     tok = pkg.tokenizer_info
     config = {
-        "model_type": s.arch, "architectures": ["LlamaForCausalLM"], "vocab_size": s.vocab_size,
+        "model_type": s.arch, "architectures": [{"qwen2": "Qwen2ForCausalLM"}.get(s.arch, "LlamaForCausalLM")],
+        "vocab_size": s.vocab_size, "use_sliding_window": False,
         "hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size, "num_hidden_layers": s.num_layers,
         "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads, "head_dim": s.head_dim,
         "rms_norm_eps": s.rms_norm_eps, "rope_theta": s.rope_theta, "max_position_embeddings": s.max_position_embeddings,

@@ -310,10 +310,10 @@ def test_sparsify_bad_arguments_leave_package_unchanged(tiny_pkg, calib_file):
 @pytest.mark.slow
 def test_smollm2_realized_sparsity_on_held_out_text(smollm2_package, tmp_path):
     pkg = Path(shutil.copytree(smollm2_package, tmp_path / "smollm2"))
-    r = run_cli("sparsify", pkg, "--sparsity", "0.5", "--method", "teal", "--calib-generate", "1024", "-q")
+    r = run_cli("sparsify", pkg, "--sparsity", "0.5", "--method", "teal", "--calib-generate", "512", "-q")
     assert r.returncode == 0, r.stderr
     e = json.loads((pkg / "manifest.json").read_text())["sparsity"]["levels"]["0.50"]
-    assert e["calib"]["source"] == "generated" and e["calib"]["tokens"] >= 900
+    assert e["calib"]["source"] == "generated" and e["calib"]["tokens"] >= 450
     assert abs(e["realized"] - 0.5) <= 0.02, e["realized"]
     # at 50% the calibration perplexity rises but stays finite and in range of dense
     assert e["fitness"]["dense_ppl"] < e["fitness"]["ppl"] < 3 * e["fitness"]["dense_ppl"]
