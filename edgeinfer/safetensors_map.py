@@ -43,6 +43,11 @@ def unpack(words: np.ndarray, bits: int) -> np.ndarray:
         return b.copy()
     if bits == 4:
         return np.stack([b & 15, b >> 4], axis=-1).reshape(b.shape[0], -1)
+    if b.shape[-1] % bits == 0:  # every 8 values fill `bits` whole bytes: one 64-bit word, 8 shifts
+        g = b.reshape(b.shape[0], -1, bits).astype(np.uint64)
+        word = np.bitwise_or.reduce(g << (8 * np.arange(bits, dtype=np.uint64)), axis=-1)
+        vals = (word[..., None] >> (bits * np.arange(8, dtype=np.uint64))) & np.uint64((1 << bits) - 1)
+        return vals.astype(np.uint8).reshape(b.shape[0], -1)
     stream = np.unpackbits(b, axis=-1, bitorder="little")
     vals = stream.reshape(b.shape[0], -1, bits)
     return (vals * (1 << np.arange(bits, dtype=np.uint16))).sum(-1).astype(np.uint8)
