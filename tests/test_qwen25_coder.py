@@ -206,13 +206,8 @@ def test_greedy_continuations_agree_for_32_tokens(model, hf, chat):
     import torch
 
     ids = model.tokenizer.encode_chat(CHAT) if chat else model.tokenizer.encode(CODE_PROMPT)
-    eos = model.tokenizer.eos_token_ids
-    model.tokenizer.eos_token_ids = set()
-    try:
-        model.reset()
-        ours = list(model.stream_ids(ids, GenerationConfig(max_tokens=32)))
-    finally:
-        model.tokenizer.eos_token_ids = eos
+    model.reset()
+    ours = list(model.stream_ids(ids, GenerationConfig(max_tokens=32, ignore_eos=True)))
     assert len(ours) == 32
     logits = hf(torch.tensor([ids + ours[:-1]])).logits[0, len(ids) - 1 :].numpy()
     ref = logits.argmax(-1)
