@@ -1,8 +1,8 @@
 """The native decode step (edgeinfer/native): its linears against a float64 numpy reference on random
 shapes and on real SmolLM2 layers, for both builds (avx2 and generic) and both activation modes; whole
 decode steps against the exact ONNX graph on every tiny architecture; the greedy chat answers of the
-default path against the exact model on 52 prompts; the fallback when the library is missing; and the
-build from a clean clone.
+default path against the exact model on 18 of the 52 chat prompts; the fallback when the library is
+missing; and the build from a clean clone.
 
 Tolerances: ``f32`` multiplies in float32 (relative error ~1e-6 of a row's largest output); ``i16`` rounds
 each 32-input chunk of x to int16 (~1e-4 relative, measured 3e-5..1e-4 on SmolLM2's layers).
@@ -155,17 +155,20 @@ def test_sliding_window_and_buffer_growth(onnx_package):
 @needs_build
 @pytest.mark.slow
 def test_default_path_answers_like_the_exact_model(smollm2_package):
-    """Issue 15's bar: greedy 32-token answers of the default path (auto: exact prefill and the native
-    step) equal the exact model's (MLX) on at least 48 of the 52 chat prompts, and every disagreement is
-    a near-tie. The int8 graph alone gets 17 of 52 (docs/BENCHMARKS.md)."""
+    """Issue 15's bar, on every third of the 52 chat prompts (18, the first among them; the whole set stays
+    `edgeinfer eval -m PKG agree`, docs/BENCHMARKS.md): greedy 32-token answers of the default path (auto:
+    exact prefill and the native step) equal the exact model's (MLX) on all but at most one, and every
+    disagreement is a near-tie. The int8 graph alone gets 17 of 52 (docs/BENCHMARKS.md)."""
     from edgeinfer.evaluate import greedy_agreement
 
     prompts = [x for x in (ROOT / "tests" / "data" / "chat_prompts.txt").read_text().splitlines() if x.strip()]
     assert len(prompts) >= 50
+    prompts = prompts[::3]
     m = edgeinfer.load(smollm2_package)
     assert m.backend_name == ("mlx" if sys.platform == "darwin" else "onnx") and m.backend.native is not None
     r = greedy_agreement(m, edgeinfer.load(smollm2_package, backend="mlx"), prompts, max_tokens=32, progress=False)
-    assert r["equal"] >= 48, [row for row in r["rows"] if not row["equal"]]
+    assert r["prompts"] == 18
+    assert r["equal"] >= 17, [row for row in r["rows"] if not row["equal"]]
     assert r["max_margin"] < 0.05
     paris = next(row for row in r["rows"] if row["prompt"] == "What is the capital of France?")
     assert "Paris" in paris["answer"]
