@@ -19,6 +19,8 @@ import pytest
 import edgeinfer
 from edgeinfer.model import GenerationConfig
 
+from _hf_ref import assert_gguf_dequantizes_to, build_hf, hf_state_dict, package_weights
+
 pytestmark = pytest.mark.slow
 
 GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -36,43 +38,6 @@ TOKENS = {
     "  two  spaces\r\n   x": [220, 1378, 220, 12621, 319, 256, 856],
 }
 
-# package name -> transformers' Qwen2 name
-_HF_NAMES = [
-    (r"embed\.weight", "model.embed_tokens.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"layers\.(\d+)\.attn\.(\w+_proj)\.(weight|bias)", r"model.layers.\1.self_attn.\2.\3"),
-    (r"layers\.(\d+)\.mlp\.(\w+_proj)\.weight", r"model.layers.\1.mlp.\2.weight"),
-]
-
-
-def _package_weights(pkg) -> dict[str, np.ndarray]:
-    """The package's tensors as fp32 (w = scale * q + bias per group), read with numpy only."""
-    from edgeinfer.converters.quantize import unpack_bits
-    from edgeinfer.safetensors_map import map_safetensors
-
-    raw = map_safetensors(pkg.weights_path)
-    q = pkg.quantization
-    out = {}
-    for name in raw:
-        if name.endswith((".scales", ".biases")):
-            continue
-        base = name[: -len(".weight")] if name.endswith(".weight") else None
-        if base is None or f"{base}.scales" not in raw:
-            out[name] = np.array(raw[name], np.float32)  # a writable copy (torch shares it)
-            continue
-        qp = q.get("tensors", {}).get(base, q)
-        bits, g = qp["bits"], qp["group_size"]
-        vals = unpack_bits(raw[name], bits).astype(np.float32)
-        rows, n = vals.shape
-        s = np.asarray(raw[f"{base}.scales"], np.float32)[..., None]
-        b = np.asarray(raw[f"{base}.biases"], np.float32)[..., None]
-        out[name] = (vals.reshape(rows, n // g, g) * s + b).reshape(rows, n)
-    return out
-
-
 @pytest.fixture(scope="module")
 def model(qwen05_package):
     return edgeinfer.load(qwen05_package, backend="mlx")  # exact
@@ -80,15 +45,15 @@ def model(qwen05_package):
 
 @pytest.fixture(scope="module")
 def weights(model) -> dict[str, np.ndarray]:
-    return _package_weights(model.package)
+    """The package's weights, dequantized to fp32, under transformers' Qwen2 names."""
+    return hf_state_dict(package_weights(model.package), "qwen2")
 
 
 @pytest.fixture(scope="module")
 def hf(model, weights):
     """transformers' Qwen2 on the package's dequantized weights, fp32, eager attention."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.set_grad_enabled(False)
     s = model.spec
     cfg = transformers.Qwen2Config(
         vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
@@ -97,21 +62,7 @@ def hf(model, weights):
         rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta}, tie_word_embeddings=False,
         use_sliding_window=False, attn_implementation="eager",
     )
-    sd = {}
-    for name, w in weights.items():
-        for pat, repl in _HF_NAMES:
-            if re.fullmatch(pat, name):
-                sd[re.sub(pat, repl, name)] = torch.from_numpy(w)
-                break
-        else:
-            raise AssertionError(f"no transformers name for {name}")
-    with torch.device("meta"):
-        m = transformers.Qwen2ForCausalLM(cfg)
-    missing, unexpected = m.load_state_dict(sd, strict=False, assign=True)
-    assert not missing and not unexpected, (missing, unexpected)
-    m.model.rotary_emb = type(m.model.rotary_emb)(config=cfg)  # its inv_freq buffer was made on meta
-    torch.set_num_threads(2)
-    return m.eval()
+    return build_hf(transformers.Qwen2ForCausalLM, cfg, weights)
 
 
 def test_manifest_records_the_import(qwen05_package, qwen05_gguf):
@@ -141,34 +92,10 @@ def test_manifest_records_the_import(qwen05_package, qwen05_gguf):
 
 
 def test_weights_equal_the_gguf_dequantization(model, weights, qwen05_gguf):
-    """Every tensor against gguf.quants.dequantize of the file (transformers' GGUF loader uses it): exact up to
-    fp32 rounding for the lossless types, within the recorded error for Q6_K; on every 8th row (every 64th
-    of the embedding and the head, 151936 rows each), to keep it quick."""
-    from gguf.quants import dequantize
-
-    from edgeinfer.converters.gguf_import import open_gguf
-
-    src = open_gguf(qwen05_gguf)
-    ours = weights
-    recorded = {n.split(":", 1)[0]: float(re.search(r"max abs error ([0-9.e+-]+)", n).group(1))
-                for n in model.package.quantization["notes"] if "Q6_K re-quantized" in n}
-    seen = set()
-    for t in src._reader.tensors:
-        name = src._names[t.name]
-        kind = t.tensor_type.name
-        data = np.asarray(t.data)
-        mine = ours[name]
-        step = 64 if name in ("embed.weight", "lm_head.weight") else 8 if data.ndim == 2 else 1
-        data, mine = data[::step], mine[::step]
-        ref = np.asarray(dequantize(data, t.tensor_type), np.float32).reshape(mine.shape)
-        err = np.abs(mine - ref).max()
-        scale = np.abs(ref).max()
-        if kind == "Q6_K":
-            assert err <= recorded[t.name] * 1.01 and err < 0.02 * scale, (t.name, err, recorded[t.name])
-        else:
-            assert err <= 1e-6 * scale, (t.name, kind, err)
-        seen.add(name)
-    assert seen == set(ours)
+    """Every tensor against gguf.quants.dequantize of the file (transformers' GGUF loader uses it), under
+    that loader's names: exact up to fp32 rounding for the lossless types, within the recorded error for
+    Q6_K (tests/_hf_ref.py)."""
+    assert_gguf_dequantizes_to(qwen05_gguf, weights, "qwen2", model.package.quantization["notes"])
 
 
 def test_tokenizer_matches_transformers_gguf_tokenizer(model):
