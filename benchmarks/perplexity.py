@@ -1,8 +1,12 @@
-"""Perplexity of an edgeinfer package next to transformers on the same weights, in one run.
+"""Perplexity of edgeinfer packages next to transformers on the same weights, in one run.
 
     python benchmarks/perplexity.py --package models/smollm2-135m-instruct \
         --hf-gguf ~/.cache/edgeinfer/gguf/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --data ../shared/data/wikitext-2-raw/wiki.test.raw --window 512 [--max-windows N] [--json out.json]
+        --data ../shared/data/wikitext-2-raw/wiki.test.raw --window 512 [--max-windows N [--spread]] [--json out.json]
+
+``--package`` may be given several times (e.g. a GGUF's own types against a re-quantized 4-bit package), and
+``--genai DIR`` adds onnxruntime-genai's builder model (benchmarks/peers.py makes it) run by ONNX Runtime on
+the same windows and token ids, so that a peer's re-quantization is scored next to ours.
 
 transformers loads the GGUF itself (dequantized to fp32) and tokenizes with its own GGUF tokenizer, as a
 new user would; both sides use the convention of edgeinfer/evaluate.py (non-overlapping windows, every
@@ -46,13 +50,42 @@ def transformers_ppl(gguf: Path, text: str, window: int, max_windows: int | None
             "seconds": time.perf_counter() - t0, "token_count": len(ids)}
 
 
+class GenaiModel:
+    """The builder's model.onnx as ``window_nll`` wants a model: one session run per window, empty past."""
+
+    def __init__(self, folder: Path, tokenizer):
+        import onnxruntime as ort
+
+        cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.layers, self.kv, self.head = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_size"]
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(folder / cfg["filename"]), sess_options=so, providers=["CPUExecutionProvider"])
+        self.tokenizer, self.backend = tokenizer, self
+
+    def new_cache(self, max_tokens=None):
+        return None
+
+    def forward(self, ids, cache, lazy=False):
+        import numpy as np
+
+        x = np.asarray([ids], np.int64)
+        feeds = {"input_ids": x, "attention_mask": np.ones_like(x)}
+        empty = np.zeros((1, self.kv, 0, self.head), np.float32)
+        for i in range(self.layers):
+            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = empty
+        return self.session.run(["logits"], feeds)[0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--package", required=True)
+    ap.add_argument("--package", required=True, action="append", help="a package folder (repeat for several)")
+    ap.add_argument("--genai", type=Path, default=None, help="an onnxruntime-genai builder folder to score on the same windows")
     ap.add_argument("--hf-gguf", type=Path, default=None, help="GGUF for the transformers reference (omit to skip it)")
     ap.add_argument("--data", required=True)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--spread", action="store_true", help="with --max-windows: windows evenly spaced over the text")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
 
@@ -60,19 +93,28 @@ def main() -> int:
     from edgeinfer.evaluate import perplexity, read_text
 
     text = read_text(a.data)
-    m = edgeinfer.load(a.package)
-    ours = perplexity(m, text, window=a.window, max_windows=a.max_windows).to_dict()
-    ours["token_count"] = len(m.tokenizer.encode(text, add_bos=False))
-    result = {"package": a.package, "data": a.data, "window": a.window, "edgeinfer": ours,
+    result = {"data": a.data, "window": a.window, "packages": {},
               "machine": f"{platform.machine()} {platform.system()}, {__import__('os').cpu_count()} cores",
               "command": "python " + " ".join(sys.argv)}
-    print(f"edgeinfer    ppl {ours['ppl']:.4f} over {ours['windows']} windows ({ours['seconds']:.0f} s)")
+    for pkg in a.package:
+        m = edgeinfer.load(pkg)
+        ours = perplexity(m, text, window=a.window, max_windows=a.max_windows, spread=a.spread).to_dict()
+        ours["token_count"] = len(m.tokenizer.encode(text, add_bos=False))
+        result["packages"][pkg] = ours
+        print(f"{pkg}: ppl {ours['ppl']:.4f} over {ours['windows']} windows ({ours['seconds']:.0f} s)")
+    first = result["packages"][a.package[0]]
+    if a.genai:
+        g = perplexity(GenaiModel(a.genai, m.tokenizer), text, window=a.window, max_windows=a.max_windows, spread=a.spread)
+        result["genai"] = dict(g.to_dict(), folder=str(a.genai))
+        print(f"onnxruntime-genai builder model: ppl {g.ppl:.4f} over {g.windows} windows ({g.seconds:.0f} s)")
     if a.hf_gguf:
+        if a.spread:
+            raise SystemExit("--hf-gguf takes the first windows; leave out --spread")
         ref = transformers_ppl(a.hf_gguf, text, a.window, a.max_windows, m.tokenizer.add_bos)
         result["transformers"] = ref
-        result["relative_difference"] = ours["ppl"] / ref["ppl"] - 1
+        result["relative_difference"] = first["ppl"] / ref["ppl"] - 1
         print(f"transformers ppl {ref['ppl']:.4f} over {ref['windows']} windows ({ref['seconds']:.0f} s); "
-              f"difference {100 * result['relative_difference']:+.3f}%")
+              f"{a.package[0]} differs by {100 * result['relative_difference']:+.3f}%")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -23,7 +23,7 @@ from edgeinfer import __version__
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.package import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS, sha256_file
 
-from .quantize import QuantizedTensor, quantize
+from .quantize import QuantizedTensor, quantize, quantize_search
 from .safetensors_io import write_safetensors
 
 QUANTIZABLE = re.compile(r"(_proj\.weight|^embed\.weight|^lm_head\.weight)$")
@@ -64,10 +64,13 @@ def _source_record(source) -> dict:
     }
 
 
-def _store(name: str, t, bits: int, group: int, notes: list[str]):
-    """Decides how one tensor is stored. Returns a float array or a QuantizedTensor."""
+def _store(name: str, t, bits: int, group: int, notes: list[str], requantize: bool = False):
+    """Decides how one tensor is stored. Returns a float array or a QuantizedTensor. A source's quantized
+    tensor is kept as it is unless ``requantize``: then it is stored at ``bits`` from its dequantized values."""
     if isinstance(t, QuantizedTensor):
-        return t
+        if not requantize or (t.bits, t.group_size) == (bits, group):
+            return t
+        t = t.dequantize() if t.weight.ndim == 2 else np.stack([_expert(t, e).dequantize() for e in range(t.weight.shape[0])])
     t = np.asarray(t)
     # 3-D: MoE experts stacked [E, out, in], quantized as E*out rows. The router (moe.router.weight) is
     # not a _proj and stays float32: it is tiny, and its top-k is a discrete choice that rounding flips.
@@ -80,12 +83,18 @@ def _store(name: str, t, bits: int, group: int, notes: list[str]):
     if t.shape[-1] % group:
         notes.append(f"{name} kept in float16: its input size {t.shape[-1]} is not a multiple of {group}")
         return t.astype(np.float16)
+    # re-quantized values sit on the source's grid already: searching the scales saves part of the second rounding
+    fit = quantize_search if requantize else quantize
     if t.ndim == 3:
-        q = quantize(t.reshape(-1, t.shape[-1]), bits, group, scale_dtype=np.float16)
+        q = fit(t.reshape(-1, t.shape[-1]), bits, group, scale_dtype=np.float16)
         lead = t.shape[:2]
         return QuantizedTensor(q.weight.reshape(*lead, -1), q.scales.reshape(*lead, -1), q.biases.reshape(*lead, -1),
                                bits, group)
-    return quantize(t, bits, group, scale_dtype=np.float16)
+    return fit(t, bits, group, scale_dtype=np.float16)
+
+
+def _expert(t: QuantizedTensor, e: int) -> QuantizedTensor:
+    return QuantizedTensor(t.weight[e], t.scales[e], t.biases[e], t.bits, t.group_size)
 
 
 def convert(
@@ -124,8 +133,11 @@ def convert(
     if group_size is not None and group_size not in (32, 64, 128):
         raise EdgeInferError(f"--group-size must be 32, 64 or 128, not {group_size}")
     source = open_source(src, progress=progress)
+    # A GGUF keeps its own quantized tensors unless --bits is given: then every tensor is stored at that
+    # width, the quantized ones re-quantized from their dequantized values (lossy, and said in the notes).
+    requantize = source.kind == "gguf" and bits is not None
     if bits is None:
-        bits = 16 if source.kind == "gguf" else 4  # GGUF weights keep their own quantization
+        bits = 16 if source.kind == "gguf" else 4
     group = group_size or (32 if source.kind == "gguf" else 64)
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -136,7 +148,7 @@ def convert(
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(out)
         tmp.mkdir()
-        _write_package(source, tmp, bits, group, command, progress, name, chat_template)
+        _write_package(source, tmp, bits, group, command, progress, name, chat_template, requantize)
         if backend != "mlx":
             from .onnx_export import add_onnx_graph
 
@@ -184,14 +196,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _write_package(source, tmp: Path, bits, group, command, progress, name, chat_template) -> None:
+def _write_package(source, tmp: Path, bits, group, command, progress, name, chat_template, requantize=False) -> None:
     notes: list[str] = []
     stored: list[tuple[str, np.ndarray]] = []
     qinfo: dict[str, tuple[int, int]] = {}
+    requantized: Counter = Counter()
     t0 = time.time()
     bar = tqdm(desc="converting", unit="tensor", disable=None if progress else True, leave=False, file=sys.stderr)
     for tname, t in source.tensors():
-        s = _store(tname, t, bits, group, notes)
+        if requantize and isinstance(t, QuantizedTensor) and (t.bits, t.group_size) != (bits, group):
+            requantized[f"{t.bits}-bit groups of {t.group_size}"] += 1
+        s = _store(tname, t, bits, group, notes, requantize)
         if isinstance(s, QuantizedTensor):
             base = tname[: -len(".weight")]
             qinfo[base] = (s.bits, s.group_size)
@@ -201,6 +216,9 @@ def _write_package(source, tmp: Path, bits, group, command, progress, name, chat
         bar.update(1)
     bar.close()
     notes = list(getattr(source, "notes", [])) + notes  # the source adds notes while it streams tensors
+    if requantized:
+        what = ", ".join(f"{n} in {k}" for k, n in sorted(requantized.items()))
+        notes.append(f"re-quantized to {bits} bits in groups of {group} from the source's dequantized values ({what})")
     names = {n for n, _ in stored}
     if "embed.weight" not in names:
         raise EdgeInferError(f"{source.path} has no token embedding tensor")

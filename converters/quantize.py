@@ -107,3 +107,95 @@ def quantize(w: np.ndarray, bits: int, group_size: int, scale_dtype=np.float16) 
         bits=bits,
         group_size=group_size,
     )
+
+
+def quantize_search(w: np.ndarray, bits: int, group_size: int, scale_dtype=np.float16, steps: int = 20) -> QuantizedTensor:
+    """Affine group quantization that searches each group's scale and bias for the smallest weighted squared
+    error, as llama.cpp's make_qkx2_quants does for its K-quants: ``steps + 1`` candidate grids stretched
+    around the group's min..max, each refitted by least squares to the levels it assigns, the weight of a
+    value being ``rms(group) + |value|``. For re-quantizing already quantized sources, where round-to-nearest
+    on min..max adds a second rounding on top of the first (measured on Qwen2.5-Coder 0.5B in
+    docs/BENCHMARKS.md)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
+    w = np.asarray(w, dtype=np.float32)
+    out, n = w.shape
+    if n % group_size:
+        raise ValueError(f"input dimension {n} is not a multiple of the group size {group_size}")
+    g = np.ascontiguousarray(w.reshape(-1, group_size))
+    scale, bias = _search_kernel()(g, (1 << bits) - 1, steps)
+    levels = (1 << bits) - 1
+    scale = scale.astype(scale_dtype).astype(np.float32)
+    scale = np.where(scale <= 0, np.float32(np.finfo(np.float16).tiny), scale)
+    bias = bias.astype(scale_dtype).astype(np.float32)
+    q = np.clip(np.rint((g - bias[:, None]) / scale[:, None]), 0, levels).astype(np.uint8)
+    return QuantizedTensor(
+        weight=pack_bits(q.reshape(out, n), bits),
+        scales=scale.reshape(out, -1).astype(scale_dtype),
+        biases=bias.reshape(out, -1).astype(scale_dtype),
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+_SEARCH = []
+
+
+def _search_kernel():
+    """The per-group search of quantize_search, compiled by numba on first use (a few seconds; not cached: its closure would pin a module path)."""
+    if _SEARCH:
+        return _SEARCH[0]
+    from numba import njit, prange
+
+    @njit(parallel=True, fastmath=True)
+    def search(g, levels, steps):
+        rows, size = g.shape
+        scales = np.empty(rows, np.float32)
+        biases = np.empty(rows, np.float32)
+        for r in prange(rows):
+            x = g[r]
+            lo, hi, ss = x[0], x[0], np.float32(0)
+            for i in range(size):
+                lo = min(lo, x[i])
+                hi = max(hi, x[i])
+                ss += x[i] * x[i]
+            if hi - lo < 1e-12:
+                scales[r], biases[r] = 1e-8, lo
+                continue
+            av = np.sqrt(ss / size)
+            best_s, best_b = (hi - lo) / levels, lo
+            best = np.float32(0)
+            for i in range(size):
+                q = min(max(np.rint((x[i] - lo) / best_s), 0), levels)
+                d = best_s * q + lo - x[i]
+                best += (av + abs(x[i])) * d * d
+            for step in range(steps + 1):
+                iscale = (levels - 1.0 + 0.1 * step) / (hi - lo)
+                sw = sl = sl2 = sx = slx = 0.0
+                for i in range(size):
+                    q = min(max(np.rint(iscale * (x[i] - lo)), 0), levels)
+                    wt = av + abs(x[i])
+                    sw += wt
+                    sl += wt * q
+                    sl2 += wt * q * q
+                    sx += wt * x[i]
+                    slx += wt * q * x[i]
+                det = sw * sl2 - sl * sl
+                if det <= 0:
+                    continue
+                s = (sw * slx - sx * sl) / det
+                b = (sl2 * sx - sl * slx) / det
+                if s <= 0:
+                    continue
+                err = 0.0
+                for i in range(size):
+                    q = min(max(np.rint((x[i] - b) / s), 0), levels)
+                    d = s * q + b - x[i]
+                    err += (av + abs(x[i])) * d * d
+                if err < best:
+                    best, best_s, best_b = err, s, b
+            scales[r], biases[r] = best_s, best_b
+        return scales, biases
+
+    _SEARCH.append(search)
+    return search

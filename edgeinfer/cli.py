@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its logits too far from exact, then 1")
     p.add_argument("--bits", type=int, choices=[4, 8, 16, 32], default=None,
                    help="weight bits: 4 or 8 (affine groups), 16 (fp16), 32 (fp32). Default: 4 for HF sources; "
-                        "GGUF keeps its own quantized tensors and stores float ones in fp16")
+                        "a GGUF keeps its own quantized tensors and stores float ones in fp16, and with --bits every "
+                        "tensor is stored at that width (quantized ones re-quantized from their values: smaller, lossy)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None, help="quantization group size (default 64; 32 for GGUF)")
     p.add_argument("--name", default=None, help="model name recorded in the manifest")
     p.add_argument("--chat-template", default=None, metavar="FILE",

@@ -477,3 +477,49 @@ def test_bad_gguf_through_the_cli(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith(f"edgeinfer: {src}"), r.stderr
     assert ("truncated" if case == "truncated" else "Q2_K") in lines[0]
     assert not out.exists() and not list(tmp_path.glob(".pkg*"))
+
+
+def test_requantize_with_bits(tmp_path):
+    """--bits on a GGUF stores every quantized tensor at that width from its dequantized values (said in
+    the notes); without it the GGUF's own types are kept, exactly."""
+    from converters.convert import convert
+    from edgeinfer.safetensors_map import map_safetensors
+
+    src = write_gguf(tmp_path / "tiny.gguf")
+    kept = convert(str(src), tmp_path / "kept", backend="mlx", progress=False)
+    req = convert(str(src), tmp_path / "q4", bits=4, group_size=32, backend="mlx", progress=False)
+    mk, mq = (json.loads((p / "manifest.json").read_text())["quantization"] for p in (kept, req))
+    assert "tensors" in mk and not any("re-quantized to 4 bits" in n for n in mk.get("notes", []))
+    assert (mq["bits"], mq["group_size"]) == (4, 32) and "tensors" not in mq, mq  # every tensor at 4 bits
+    assert any(n.startswith("re-quantized to 4 bits in groups of 32") for n in mq["notes"]), mq["notes"]
+    wk, wq = map_safetensors(kept / "model.safetensors"), map_safetensors(req / "model.safetensors")
+    raw = raw_tensors(src)
+    for gname, name in (("blk.0.attn_output.weight", "layers.0.attn.o_proj"), ("output.weight", "lm_head"),
+                        ("blk.0.ffn_gate.weight", "layers.0.mlp.gate_proj"), ("token_embd.weight", "embed")):
+        before = QuantizedTensor(*(np.asarray(wk[f"{name}.{k}"]) for k in ("weight", "scales", "biases")),
+                                 bits=mk.get("tensors", {}).get(name, mk)["bits"], group_size=32).dequantize()
+        assert np.array_equal(before, reference(raw[gname]).reshape(before.shape))  # kept: exact
+        after = QuantizedTensor(*(np.asarray(wq[f"{name}.{k}"]) for k in ("weight", "scales", "biases")), 4, 32).dequantize()
+        g = before.reshape(-1, 32)
+        err = np.abs(after.reshape(-1, 32) - g)
+        if gname == "output.weight":  # Q4_0: already 4 bits in groups of 32, so kept as it is
+            assert err.max() == 0
+            continue
+        assert (err.max(-1) <= (g.max(-1) - g.min(-1)) / 15 * 0.75 + 1e-6).all(), gname  # within 4-bit rounding
+        assert 0 < np.sqrt((err**2).mean()) < 0.1 * np.sqrt((g**2).mean())
+    for name in ("layers.0.mlp.up_proj", "layers.0.mlp.down_proj"):  # float in the GGUF: float kept, 4 bits with --bits
+        assert f"{name}.scales" not in wk and f"{name}.scales" in wq
+
+
+def test_quantize_search_beats_round_to_nearest_on_a_quantized_grid():
+    """Re-quantizing values that already sit on a 5-bit grid: the searched scales leave less error than
+    round-to-nearest on min..max, in every measure the search optimizes and in plain RMS."""
+    from converters.quantize import quantize, quantize_search
+
+    w = np.asarray(dequantize(gguf_quantize(_rand(256, 512, seed=5) * 3, QT.Q5_0), QT.Q5_0), np.float32)
+    errs = {}
+    for f in (quantize, quantize_search):
+        q = f(w, 4, 32)
+        assert q.bits == 4 and q.shape == w.shape and q.scales.dtype == np.float16
+        errs[f.__name__] = np.sqrt(((q.dequantize() - w) ** 2).mean())
+    assert errs["quantize_search"] < 0.97 * errs["quantize"], errs
