@@ -389,7 +389,8 @@ def display(cmd: list[str]) -> str:
 
 
 def summarize(samples: list[float]) -> dict:
-    return {"mean": statistics.fmean(samples), "sd": statistics.stdev(samples) if len(samples) > 1 else 0.0, "n": len(samples)}
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "mean": statistics.fmean(samples),
+            "sd": statistics.stdev(samples) if len(samples) > 1 else 0.0, "n": len(samples)}
 
 
 def aggregate(name: str, runs: list[dict]) -> dict:
@@ -418,7 +419,7 @@ def ratios(results: dict[str, dict]) -> list[dict]:
         key = f"{kind}_tps"
         row = {"test": kind, "peer": peer, "target": need}
         if ours.get("status") == "ok" and other.get("status") == "ok":
-            row["ratio"] = ours[key]["mean"] / other[key]["mean"]
+            row["ratio"] = ours[key]["median"] / other[key]["median"]
             row["result"] = "pass" if row["ratio"] >= need else "miss"
         else:
             missing = [n for n, r in (("edgeinfer-onnx", ours), (peer, other)) if r.get("status") != "ok"]
@@ -431,7 +432,7 @@ def ratios(results: dict[str, dict]) -> list[dict]:
 def _f(s: dict | None, digits: int = 1, scale: float = 1.0) -> str:
     if not s:
         return "—"
-    return f"{s['mean'] * scale:.{digits}f} ± {s['sd'] * scale:.{digits}f}"
+    return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f})"
 
 
 def render_markdown(report: dict) -> str:
@@ -443,7 +444,7 @@ def render_markdown(report: dict) -> str:
              f"{'s' if c['reps'] != 1 else ''} interleaved "
              f"(every peer in its own fresh process each repetition, the order rotated), {c['threads']} threads for "
              f"every peer, pp{p} (random token ids, empty context, until the first greedy token) and tg{n} (after a "
-             f"{TG_PROMPT}-token prompt, greedy, EOS ignored); warm-up not counted; mean ± standard deviation over the "
+             f"{TG_PROMPT}-token prompt, greedy, EOS ignored); warm-up not counted; median (lowest–highest) over the "
              "repetitions. Tokenization is excluded.", "",
              f"Machine: {report['machine_line']}." + _load_note(report.get("load_average")), "",
              "```sh", report["command"], "```", "",
@@ -459,7 +460,7 @@ def render_markdown(report: dict) -> str:
         share = r.get("roofline_share")
         lines.append(f"| {label} | {weights} | {_f(r['pp_tps'])} | {_f(r['tg_tps'])} | {_f(r['ttft_s'], 0, 1000)} | "
                      f"{r['peak_rss_bytes'] / 2**20:.0f} | {'—' if share is None else f'{100 * share:.1f}%'} |")
-    lines += ["", "Targets for edgeinfer's ONNX backend (issue 15), as ratios of the means above:", "",
+    lines += ["", "Targets for edgeinfer's ONNX backend (issue 15), as ratios of the medians above:", "",
               "| target | ratio | result |", "| --- | ---: | --- |"]
     for t in report["targets"]:
         ratio = "—" if t["ratio"] is None else f"{t['ratio']:.2f}x"
@@ -642,7 +643,7 @@ def drive(a) -> int:
                      "samples": [b["bytes_per_s"] for b in bws]}
         for p, r in results.items():
             if r.get("status") == "ok" and p in bpt:
-                r["roofline_share"] = bpt[p] * r["tg_tps"]["mean"] / bandwidth["bytes_per_s"]
+                r["roofline_share"] = bpt[p] * r["tg_tps"]["median"] / bandwidth["bytes_per_s"]
     machine = sysinfo.machine(extra_versions=("llama-cpp-python", "onnxruntime-genai", "mlx-lm", "transformers", "torch"))
     command = "python benchmarks/peers.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     report = {
