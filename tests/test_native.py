@@ -70,6 +70,60 @@ def _decoder(monkeypatch, variant, act, pkg):
     return _DECODERS[key]
 
 
+# -- the stream's layout, in numpy (decode.c's comment above tile_value), against the C packer ---------
+def _pad8(a: np.ndarray) -> np.ndarray:
+    """Rows padded with zeros to a multiple of 8."""
+    pad = -a.shape[0] % 8
+    return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
+
+
+def _tiles(v: np.ndarray, bits: int) -> np.ndarray:
+    """Values [m, n] (uint8, each < 2**bits; m a multiple of 8) -> decode.c's tiles of 8 rows by 32 inputs,
+    [m / 8, n / 32, bytes] (the layout is described above its tile_value)."""
+    m, n = v.shape
+    mb, c = m // 8, n // 32
+    v = v.reshape(mb, 8, c, 32).astype(np.uint16)
+    if bits == 8:  # input 4l + 2h + j of row r -> byte h of word (l, 2r + j)
+        t = v.reshape(mb, 8, c, 8, 2, 2).transpose(0, 2, 3, 1, 5, 4)
+        return np.ascontiguousarray(t[..., 0] | t[..., 1] << 8).view(np.uint8).reshape(mb, c, 256)
+    # input 8l + 2k + j of row r -> nibble k of word (l, 2r + j); for 5 bits its fifth bit -> bit 4l + k of word 2r + j
+    t = v.reshape(mb, 8, c, 4, 4, 2).transpose(0, 2, 3, 1, 5, 4)
+    lo = (t & 15) << (4 * np.arange(4, dtype=np.uint16))
+    out = np.bitwise_or.reduce(lo, axis=-1).astype(np.uint16).view(np.uint8).reshape(mb, c, 128)
+    if bits == 4:
+        return np.ascontiguousarray(out)
+    hi = (t.transpose(0, 1, 3, 4, 2, 5) >> 4) << np.arange(16, dtype=np.uint16).reshape(4, 4)  # [mb, c, r, j, l, k]
+    hi = np.bitwise_or.reduce(hi.reshape(mb, c, 16, 16), axis=-1).astype(np.uint16).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([out, hi.reshape(mb, c, 32)], axis=2))
+
+
+def _stream(values: np.ndarray, bits: int, scales: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """decode.c's stream of one linear: per block of 8 rows and group of inputs, the 8 scales, the 8 biases
+    (as stored: float16 or float32), then the group's tiles; [m / 8, groups, bytes]: numpy's version of
+    edgeinfer.native.pack_stream, written from decode.c's comment on the layout."""
+    t = _tiles(_pad8(values), bits)
+    mb, groups = t.shape[0], scales.shape[1]
+    per8 = lambda a: np.ascontiguousarray(_pad8(a).reshape(mb, 8, groups).transpose(0, 2, 1)).view(np.uint8)
+    return np.ascontiguousarray(np.concatenate([per8(scales), per8(biases), t.reshape(mb, groups, -1)], axis=2))
+
+
+
+@needs_build
+@pytest.mark.parametrize("bits,group,m,n,s32", [(4, 32, 37, 96, False), (5, 32, 16, 64, False), (8, 64, 13, 128, True),
+                                                (2, 32, 9, 64, False), (3, 32, 8, 96, True), (6, 64, 21, 128, False)])
+def test_pack_stream_matches_the_numpy_layout(bits, group, m, n, s32):
+    """ei_pack_stream's bytes equal the layout written out in numpy, for every source width (2/3/6 widened
+    to 8), both scale dtypes, and rows that do not fill a block."""
+    rng = np.random.default_rng(bits * 100 + m)
+    q = rng.integers(0, 1 << bits, (m, n), dtype=np.uint8)
+    dt = np.float32 if s32 else np.float16
+    sc, bi = (rng.standard_normal((m, n // group)).astype(dt) for _ in range(2))
+    tb = native.tile_bits(bits)
+    got = native.pack_stream(native.load_library(), _pack(q, bits), bits, tb, sc, bi)
+    want = _stream(q, tb, sc, bi)
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
 @needs_build
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("act", ["f32", "i16"])

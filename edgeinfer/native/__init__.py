@@ -24,9 +24,9 @@ import numpy as np
 from ..decode_tables import DecodeTables, check_arch, module_names
 from ..errors import EdgeInferError
 from ..package import Package
-from ..safetensors_map import drop_resident_pages, map_safetensors, unpack
+from ..safetensors_map import drop_resident_pages, map_safetensors
 
-ABI = 6
+ABI = 7
 ACTS = {"f32": 0, "i16": 1}
 MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row stack buffers
 
@@ -97,6 +97,8 @@ def load_library():
     lib.ei_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_int64, ctypes.c_void_p]
     lib.ei_linear_apply.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.ei_pack_stream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     _LIB[v] = lib
     return lib
 
@@ -133,39 +135,20 @@ def tile_bits(bits: int) -> int:
     return bits if bits in (4, 5) else 8
 
 
-def _pad8(a: np.ndarray) -> np.ndarray:
-    """Rows padded with zeros to a multiple of 8."""
-    pad = -a.shape[0] % 8
-    return np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
-
-
-def _tiles(v: np.ndarray, bits: int) -> np.ndarray:
-    """Values [m, n] (uint8, each < 2**bits; m a multiple of 8) -> decode.c's tiles of 8 rows by 32 inputs,
-    [m / 8, n / 32, bytes] (the layout is described above its tile_value)."""
-    m, n = v.shape
-    mb, c = m // 8, n // 32
-    v = v.reshape(mb, 8, c, 32).astype(np.uint16)
-    if bits == 8:  # input 4l + 2h + j of row r -> byte h of word (l, 2r + j)
-        t = v.reshape(mb, 8, c, 8, 2, 2).transpose(0, 2, 3, 1, 5, 4)
-        return np.ascontiguousarray(t[..., 0] | t[..., 1] << 8).view(np.uint8).reshape(mb, c, 256)
-    # input 8l + 2k + j of row r -> nibble k of word (l, 2r + j); for 5 bits its fifth bit -> bit 4l + k of word 2r + j
-    t = v.reshape(mb, 8, c, 4, 4, 2).transpose(0, 2, 3, 1, 5, 4)
-    lo = (t & 15) << (4 * np.arange(4, dtype=np.uint16))
-    out = np.bitwise_or.reduce(lo, axis=-1).astype(np.uint16).view(np.uint8).reshape(mb, c, 128)
-    if bits == 4:
-        return np.ascontiguousarray(out)
-    hi = (t.transpose(0, 1, 3, 4, 2, 5) >> 4) << np.arange(16, dtype=np.uint16).reshape(4, 4)  # [mb, c, r, j, l, k]
-    hi = np.bitwise_or.reduce(hi.reshape(mb, c, 16, 16), axis=-1).astype(np.uint16).view(np.uint8)
-    return np.ascontiguousarray(np.concatenate([out, hi.reshape(mb, c, 32)], axis=2))
-
-
-def _stream(values: np.ndarray, bits: int, scales: np.ndarray, biases: np.ndarray) -> np.ndarray:
-    """decode.c's stream of one linear: per block of 8 rows and group of inputs, the 8 scales, the 8 biases
-    (as stored: float16 or float32), then the group's tiles; [m / 8, groups, bytes]."""
-    t = _tiles(_pad8(values), bits)
-    mb, groups = t.shape[0], scales.shape[1]
-    per8 = lambda a: np.ascontiguousarray(_pad8(a).reshape(mb, 8, groups).transpose(0, 2, 1)).view(np.uint8)
-    return np.ascontiguousarray(np.concatenate([per8(scales), per8(biases), t.reshape(mb, groups, -1)], axis=2))
+def pack_stream(lib, packed: np.ndarray, bits: int, tbits: int, scales: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """decode.c's stream of one linear (the layout above its tile_value), from the package's packed words:
+    per block of 8 rows (padded with zero rows) and group of inputs, the 8 scales, the 8 biases (as stored:
+    float16 or float32), then the group's tiles of values at ``tbits``; [m / 8, groups, bytes]. One pass of
+    C: numpy's unpacking and transposes took most of the 23 s a 0.5B model loaded in (tests/test_native.py
+    keeps them as the reference)."""
+    packed, scales, biases = (np.ascontiguousarray(a) for a in (packed, scales, biases))
+    m, n = packed.shape[0], packed.shape[1] * 32 // bits
+    groups = scales.shape[1]
+    es = scales.dtype.itemsize
+    out = np.empty(((m + 7) // 8, groups, 16 * es + (n // groups // 32) * {4: 128, 5: 160, 8: 256}[tbits]), np.uint8)
+    lib.ei_pack_stream(packed.ctypes.data, m, n, bits, tbits, scales.ctypes.data, biases.ctypes.data, int(es == 4),
+                       n // groups, out.ctypes.data)
+    return out
 
 
 def resident_bytes(pkg: Package) -> int:
@@ -241,7 +224,7 @@ class NativeDecoder:
             sc, bi = sc.astype(np.float32), bi.astype(np.float32)
         bias = np.asarray(w[f"{name}.bias"], np.float32) if f"{name}.bias" in w else None
         tb = tile_bits(bits)  # 2/3/6 bits are widened to 8, exactly (as the ONNX graph does)
-        arrs = [_stream(unpack(q, bits), tb, sc, bi)] + ([np.ascontiguousarray(bias)] if bias is not None else [])
+        arrs = [pack_stream(self.lib, q, bits, tb, sc, bi)] + ([np.ascontiguousarray(bias)] if bias is not None else [])
         self._keep.extend(arrs)
         lin = _Linear()
         lin.q = arrs[0].ctypes.data

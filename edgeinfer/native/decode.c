@@ -30,7 +30,7 @@
 #define EI_AVX2 0
 #endif
 
-#define EI_ABI 6
+#define EI_ABI 7
 #define MAX_THREADS 64
 
 enum { ACT_F32 = 0, ACT_I16 = 1 };
@@ -344,6 +344,59 @@ static inline int tile_value(const uint8_t *t, int bits, int r, int i) {
     int v = (w[16 * l + 2 * r + j] >> (4 * k)) & 15;
     if (bits == 5) v |= ((w[64 + 2 * r + j] >> (4 * l + k)) & 1) << 4;
     return v;
+}
+
+/* Value idx of a row packed as MLX stores it: bits [idx*bits, (idx+1)*bits) of the row's little-endian
+ * bit stream (bits <= 8, so two bytes hold it; the second is read only inside the row). */
+static inline int packed_value(const uint8_t *row, size_t row_bytes, int bits, int64_t idx) {
+    int64_t bit = idx * bits;
+    size_t byte = (size_t)(bit >> 3);
+    unsigned v = row[byte];
+    if (byte + 1 < row_bytes) v |= (unsigned)row[byte + 1] << 8;
+    return (int)((v >> (bit & 7)) & ((1u << bits) - 1));
+}
+
+/* The stream of one linear (the layout above), from the package's packed values [m, n*bits/32 words]
+ * and its scales and biases [m, n/group] (float16, or float32 with s32): per block of 8 rows (rows past m
+ * are zeros) and group, the 8 scales, the 8 biases, then the group's tiles at tbits (4, 5 or 8 >= bits). */
+void ei_pack_stream(const uint8_t *packed, int m, int n, int bits, int tbits, const uint8_t *scales,
+                    const uint8_t *biases, int s32, int group, uint8_t *out) {
+    int G = n / group, cpg = group / 32, es = s32 ? 4 : 2, tb = tile_bytes(tbits), mb = (m + RB - 1) / RB;
+    size_t row_bytes = (size_t)n * bits / 8;
+    uint8_t *o = out;
+    for (int b = 0; b < mb; b++) {
+        for (int g = 0; g < G; g++) {
+            for (int half = 0; half < 2; half++) {
+                const uint8_t *src = half ? biases : scales;
+                for (int r = 0; r < RB; r++, o += es) {
+                    int row = b * RB + r;
+                    if (row < m) memcpy(o, src + ((size_t)row * G + g) * es, es);
+                    else memset(o, 0, es);
+                }
+            }
+            for (int k = 0; k < cpg; k++, o += tb) {
+                uint16_t *w = (uint16_t *)o;
+                memset(o, 0, tb);
+                int64_t c0 = (int64_t)(g * cpg + k) * 32;
+                for (int r = 0; r < RB; r++) {
+                    int row = b * RB + r;
+                    if (row >= m) continue;
+                    const uint8_t *pr = packed + (size_t)row * row_bytes;
+                    for (int i = 0; i < 32; i++) {
+                        int v = packed_value(pr, row_bytes, bits, c0 + i);
+                        if (tbits == 8) {
+                            int l = i / 4, h = (i % 4) / 2, j = i % 2;
+                            w[16 * l + 2 * r + j] |= (uint16_t)(v << (8 * h));
+                        } else {
+                            int l = i / 8, kk = (i % 8) / 2, j = i % 2;
+                            w[16 * l + 2 * r + j] |= (uint16_t)((v & 15) << (4 * kk));
+                            if (tbits == 5) w[64 + 2 * r + j] |= (uint16_t)(((v >> 4) & 1) << (4 * l + kk));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #if EI_AVX2
