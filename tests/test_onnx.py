@@ -113,9 +113,9 @@ def test_smollm2_exact_graph_gives_mlx_tokens(smollm2_package, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_fast_graph_stays_close(smollm2_package, wikitext):
-    """The default graph (int8 activations): close to the exact logits, not equal."""
+    """The package's graph (int8 activations), run as it is: close to the exact logits, not equal."""
     assert json.loads((smollm2_package / "manifest.json").read_text())["onnx"]["accuracy_level"] == 4
-    mlx, ort = _pair(smollm2_package)
+    mlx, ort = _pair(smollm2_package, decode="graph")  # with the native step the graph is patched exact
     ids = mlx.tokenizer.encode(wikitext[:3000])[:256]
     ref, got = mlx.logits(ids), ort.logits(ids)
 
@@ -126,7 +126,7 @@ def test_smollm2_fast_graph_stays_close(smollm2_package, wikitext):
     lr, lg = logsoftmax(ref.astype(np.float64)), logsoftmax(got.astype(np.float64))
     kl = (np.exp(lr) * (lr - lg)).sum(-1).mean()
     agree = (ref.argmax(-1) == got.argmax(-1)).mean()
-    assert kl < 0.01 and agree >= 0.9, (kl, agree)
+    assert 1e-5 < kl < 0.01 and agree >= 0.9, (kl, agree)
 
 
 @pytest.mark.slow
@@ -135,7 +135,9 @@ def test_gemma3_fast_graph_is_kept_and_close(gemma3_package, wikitext):
     the int8 product and the offset GEMV cancel and the int8 rounding error grew to KL 0.55 (top-1 62%).
     Centred: KL 0.0025, top-1 97.5% (llama.cpp on the same GGUF: 0.0058, 96.5%)."""
     onnx = json.loads((gemma3_package / "manifest.json").read_text())["onnx"]
-    assert onnx["accuracy_level"] == 4 and onnx["int8_check"]["kl"] < onnx["int8_check"]["max_kl"]
+    # above 0 too: int8 activations are never bit-exact, and a check that ran the exact graph twice (the
+    # native step's exact patch, before the check asked for the graph itself) recorded KL 0
+    assert onnx["accuracy_level"] == 4 and 1e-5 < onnx["int8_check"]["kl"] < onnx["int8_check"]["max_kl"]
     mlx, ort = _pair(gemma3_package, decode="graph")  # prefill only: no native decoder to build
     ids = [mlx.tokenizer.bos_token_id] + mlx.tokenizer.encode(wikitext[5000:8000], add_bos=False)[:200]
     ref, got = mlx.logits(ids), ort.logits(ids)
@@ -152,7 +154,7 @@ def test_gemma3_fast_graph_is_kept_and_close(gemma3_package, wikitext):
     lg *= -1.0  # lr - lg
     lr = np.exp(lr, out=lr)
     kl = np.einsum("ij,ij->i", lr, lg).mean()
-    assert kl < 0.01 and agree >= 0.9, (kl, agree)
+    assert 1e-5 < kl < 0.01 and agree >= 0.9, (kl, agree)
 
 
 def test_int8_check_falls_back_to_the_exact_graph(tiny_package, tmp_path, monkeypatch, capsys):
