@@ -71,20 +71,26 @@ def unpack_bits(w: np.ndarray, bits: int) -> np.ndarray:
     return (vals.astype(np.uint16) * weights).sum(-1).astype(np.uint8)
 
 
+def _checked(w, bits: int, group_size: int) -> np.ndarray:
+    """w [out, in] as float32, once bits, the group size and the input size are known to fit."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
+    if group_size not in SUPPORTED_GROUPS:
+        raise ValueError(f"group size must be one of {SUPPORTED_GROUPS}")
+    w = np.asarray(w, dtype=np.float32)
+    if w.shape[1] % group_size:
+        raise ValueError(f"input dimension {w.shape[1]} is not a multiple of the group size {group_size}")
+    return w
+
+
 def quantize(w: np.ndarray, bits: int, group_size: int, scale_dtype=np.float16) -> QuantizedTensor:
     """Round-to-nearest min/max affine quantization of w [out, in] along the input dimension.
 
     Follows MLX's scheme: scale = (max - min) / (2**bits - 1), with the bias pinned to the group's
     extreme of larger magnitude so that it is exact, then q = round((w - bias) / scale).
     """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
-    if group_size not in SUPPORTED_GROUPS:
-        raise ValueError(f"group size must be one of {SUPPORTED_GROUPS}")
-    w = np.asarray(w, dtype=np.float32)
+    w = _checked(w, bits, group_size)
     out, n = w.shape
-    if n % group_size:
-        raise ValueError(f"input dimension {n} is not a multiple of the group size {group_size}")
     g = w.reshape(out, n // group_size, group_size)
     wmax = g.max(-1)
     wmin = g.min(-1)
@@ -116,12 +122,8 @@ def quantize_search(w: np.ndarray, bits: int, group_size: int, scale_dtype=np.fl
     value being ``rms(group) + |value|``. For re-quantizing already quantized sources, where round-to-nearest
     on min..max adds a second rounding on top of the first (measured on Qwen2.5-Coder 0.5B in
     docs/BENCHMARKS.md)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}")
-    w = np.asarray(w, dtype=np.float32)
+    w = _checked(w, bits, group_size)
     out, n = w.shape
-    if n % group_size:
-        raise ValueError(f"input dimension {n} is not a multiple of the group size {group_size}")
     g = np.ascontiguousarray(w.reshape(-1, group_size))
     scale, bias = _search_kernel()(g, (1 << bits) - 1, steps)
     levels = (1 << bits) - 1
