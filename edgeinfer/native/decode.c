@@ -346,14 +346,16 @@ static inline int tile_value(const uint8_t *t, int bits, int r, int i) {
     return v;
 }
 
-/* Value idx of a row packed as MLX stores it: bits [idx*bits, (idx+1)*bits) of the row's little-endian
- * bit stream (bits <= 8, so two bytes hold it; the second is read only inside the row). */
-static inline int packed_value(const uint8_t *row, size_t row_bytes, int bits, int64_t idx) {
-    int64_t bit = idx * bits;
-    size_t byte = (size_t)(bit >> 3);
-    unsigned v = row[byte];
-    if (byte + 1 < row_bytes) v |= (unsigned)row[byte + 1] << 8;
-    return (int)((v >> (bit & 7)) & ((1u << bits) - 1));
+/* The 32 values from value c0 (a multiple of 32) of a row packed as MLX stores it: value i at bits
+ * [i*bits, (i+1)*bits) of the row's little-endian bit stream, so every 8 values fill ``bits`` whole bytes. */
+static inline void unpack32(const uint8_t *row, int bits, int64_t c0, uint8_t *vals) {
+    const uint8_t *p = row + c0 / 8 * bits;
+    uint64_t mask = (1u << bits) - 1;
+    for (int q = 0; q < 4; q++, p += bits) {
+        uint64_t u = 0;
+        memcpy(&u, p, bits);  /* little-endian hosts (x86-64, aarch64) */
+        for (int t = 0; t < 8; t++) vals[8 * q + t] = (uint8_t)((u >> (t * bits)) & mask);
+    }
 }
 
 /* The stream of one linear (the layout above), from the package's packed values [m, n*bits/32 words]
@@ -381,18 +383,21 @@ void ei_pack_stream(const uint8_t *packed, int m, int n, int bits, int tbits, co
                 for (int r = 0; r < RB; r++) {
                     int row = b * RB + r;
                     if (row >= m) continue;
-                    const uint8_t *pr = packed + (size_t)row * row_bytes;
-                    for (int i = 0; i < 32; i++) {
-                        int v = packed_value(pr, row_bytes, bits, c0 + i);
-                        if (tbits == 8) {
-                            int l = i / 4, h = (i % 4) / 2, j = i % 2;
-                            w[16 * l + 2 * r + j] |= (uint16_t)(v << (8 * h));
-                        } else {
-                            int l = i / 8, kk = (i % 8) / 2, j = i % 2;
-                            w[16 * l + 2 * r + j] |= (uint16_t)((v & 15) << (4 * kk));
-                            if (tbits == 5) w[64 + 2 * r + j] |= (uint16_t)(((v >> 4) & 1) << (4 * l + kk));
-                        }
+                    uint8_t v[32];
+                    unpack32(packed + (size_t)row * row_bytes, bits, c0, v);
+                    if (tbits == 8) {  /* word (l, 2r+j): inputs 4l+j (low byte) and 4l+2+j (high byte) */
+                        for (int l = 0; l < 8; l++)
+                            for (int j = 0; j < 2; j++) w[16 * l + 2 * r + j] = (uint16_t)(v[4 * l + j] | v[4 * l + 2 + j] << 8);
+                        continue;
                     }
+                    for (int l = 0; l < 4; l++)  /* word (l, 2r+j), nibble k: input 8l+2k+j; fifth bits at 4l+k */
+                        for (int j = 0; j < 2; j++) {
+                            const uint8_t *x = v + 8 * l + j;
+                            w[16 * l + 2 * r + j] = (uint16_t)((x[0] & 15) | (x[2] & 15) << 4 | (x[4] & 15) << 8 | (x[6] & 15) << 12);
+                            if (tbits == 5)
+                                w[64 + 2 * r + j] |= (uint16_t)((((x[0] >> 4) & 1) | ((x[2] >> 4) & 1) << 1 | ((x[4] >> 4) & 1) << 2 |
+                                                                 ((x[6] >> 4) & 1) << 3) << (4 * l));
+                        }
                 }
             }
         }
