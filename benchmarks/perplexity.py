@@ -88,6 +88,8 @@ def main() -> int:
     ap.add_argument("--spread", action="store_true", help="with --max-windows: windows evenly spaced over the text")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
+    if a.hf_gguf and a.spread:  # before minutes of evaluation, not after
+        ap.error("--hf-gguf takes the first windows; leave out --spread")
 
     import edgeinfer
     from edgeinfer.evaluate import perplexity, read_text
@@ -108,8 +110,6 @@ def main() -> int:
         result["genai"] = dict(g.to_dict(), folder=str(a.genai))
         print(f"onnxruntime-genai builder model: ppl {g.ppl:.4f} over {g.windows} windows ({g.seconds:.0f} s)")
     if a.hf_gguf:
-        if a.spread:
-            raise SystemExit("--hf-gguf takes the first windows; leave out --spread")
         ref = transformers_ppl(a.hf_gguf, text, a.window, a.max_windows, m.tokenizer.add_bos)
         result["transformers"] = ref
         result["relative_difference"] = first["ppl"] / ref["ppl"] - 1

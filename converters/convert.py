@@ -204,9 +204,9 @@ def _write_package(source, tmp: Path, bits, group, command, progress, name, chat
     t0 = time.time()
     bar = tqdm(desc="converting", unit="tensor", disable=None if progress else True, leave=False, file=sys.stderr)
     for tname, t in source.tensors():
-        if requantize and isinstance(t, QuantizedTensor) and (t.bits, t.group_size) != (bits, group):
-            requantized[f"{t.bits}-bit groups of {t.group_size}"] += 1
         s = _store(tname, t, bits, group, notes, requantize)
+        if isinstance(t, QuantizedTensor) and s is not t:  # _store kept it, or stored it anew
+            requantized[f"{t.bits}-bit groups of {t.group_size}"] += 1
         if isinstance(s, QuantizedTensor):
             base = tname[: -len(".weight")]
             qinfo[base] = (s.bits, s.group_size)
