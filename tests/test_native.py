@@ -193,6 +193,40 @@ def test_decode_steps_match_the_exact_graph(onnx_package, arch, monkeypatch):
 
 
 @needs_build
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("act", ["f32", "i16"])
+def test_forward_over_many_tokens_is_the_steps_bit_for_bit(onnx_package, arch, act, monkeypatch, tmp_path):
+    """Prefill and chain verification run the native forward over up to ei_max_tokens() tokens at once (each
+    weight tile unpacked once for all of them). Its logits and keys/values are exactly those of one step
+    per token, across a chunk boundary, from a cached context and from ``start``; with and without the
+    VNNI kernel; and within the step's tolerance of the exact graph's prefill."""
+    monkeypatch.setenv("EDGEINFER_NATIVE_ACT", act)
+    path = onnx_package(arch, 4, 32)
+    m = edgeinfer.load(path, backend="onnx", threads=2)
+    nat = m.backend.native
+    assert nat is not None and nat._chunk == 32
+    ids = (PROMPT * 2)[:45]
+    steps = m.backend.new_cache(64)
+    one = np.stack([m.backend.forward([t], steps)[0, 0] for t in ids])
+    batch = m.backend.new_cache(64)
+    m.backend.forward(ids[:3], batch)  # a cached context, then 42 tokens: a chunk of 32 and one of 10
+    rest = nat.forward(ids[3:], 3, batch.k_block, batch.v_block, start=5)
+    assert rest.shape == (37, one.shape[1])
+    assert np.array_equal(rest, one[8:])
+    assert np.array_equal(batch.k_block[:, :, :, :45], steps.k_block[:, :, :, :45])
+    assert np.array_equal(batch.v_block[:, :, :, :45], steps.v_block[:, :, :, :45])
+    monkeypatch.setenv("EDGEINFER_NO_VNNI", "1")  # read once per process: a fresh one for the AVX2 kernel
+    out = tmp_path / "avx2.npy"
+    code = (f"import numpy as np, edgeinfer; m = edgeinfer.load({str(path)!r}, backend='onnx', threads=2); "
+            f"c = m.backend.new_cache(64); np.save({str(out)!r}, m.backend.forward({ids!r}, c)[0])")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, check=True, env=cli_env())
+    assert np.array_equal(np.load(out), one)
+    graph = edgeinfer.load(path, backend="onnx", threads=1, decode="graph")
+    exact = graph.backend.forward(ids, graph.backend.new_cache(64))[0]
+    np.testing.assert_allclose(one, exact, atol=2e-4 if act == "f32" else 5e-3, rtol=0)
+
+
+@needs_build
 def test_sliding_window_and_buffer_growth(onnx_package):
     """Native steps past a sliding window (mistral 16, gemma3 8) and across the KV buffer's growth step:
     the same logits as one full forward pass of the exact graph."""

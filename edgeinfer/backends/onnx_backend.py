@@ -233,12 +233,16 @@ class ONNXModel:
             logits = self.sparse_engine.step(int(ids[0, 0]), cache.offset, cache.k_block, cache.v_block)
             cache.offset += 1
             return logits.reshape(1, 1, -1)
-        if L == 1 and self.native is not None and positions is None:
-            if cache.reserve(1):
+        if self.native is not None and positions is None:
+            # one token, a prompt or a draft chain: the native step, on the same KV buffers as the graph
+            if cache.reserve(L):
                 self._bound_cache = None
-            logits = self.native.step(int(ids[0, 0]), cache.offset, cache.k_block, cache.v_block)
-            cache.offset += 1
-            return logits.reshape(1, 1, -1)
+            if L == 1:
+                logits = self.native.step(int(ids[0, 0]), cache.offset, cache.k_block, cache.v_block)
+            else:
+                logits = self.native.forward(ids[0], cache.offset, cache.k_block, cache.v_block, L - 1 if last_only else 0)
+            cache.offset += L
+            return logits.reshape(1, logits.size // self.spec.vocab_size, -1)
         if positions is not None:
             self.check_tree()
             delta = np.asarray(positions, np.int64) - np.arange(cache.offset, cache.offset + L)

@@ -26,7 +26,7 @@ from ..errors import EdgeInferError
 from ..package import Package
 from ..safetensors_map import drop_resident_pages, map_safetensors
 
-ABI = 7
+ABI = 8
 ACTS = {"f32": 0, "i16": 1}
 MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row stack buffers
 
@@ -96,6 +96,8 @@ def load_library():
     lib.ei_free.argtypes = [ctypes.c_void_p]
     lib.ei_step.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                             ctypes.c_int64, ctypes.c_void_p]
+    lib.ei_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
     lib.ei_linear_apply.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.ei_pack_stream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
@@ -210,6 +212,7 @@ class NativeDecoder:
         self._ctx = self.lib.ei_new(ctypes.byref(m), self.threads, ACTS[act])
         if not self._ctx:
             raise EdgeInferError("the native decode step could not allocate its buffers")
+        self._chunk = int(self.lib.ei_max_tokens())
 
     def _linear(self, pkg: Package, w: dict, name: str) -> _Linear:
         bits, group = _quant(pkg, name)
@@ -242,6 +245,27 @@ class NativeDecoder:
         if self.lib.ei_step(self._ctx, x.ctypes.data, pos, kcache.ctypes.data, vcache.ctypes.data, kcache.shape[3],
                             logits.ctypes.data):
             raise EdgeInferError("the native decode step ran out of memory")
+        return logits
+
+    def forward(self, ids, pos: int, kcache: np.ndarray, vcache: np.ndarray, start: int = 0) -> np.ndarray:
+        """Tokens ``ids`` at positions pos, pos+1, ... (prefill, or verifying a draft chain), each seeing
+        the cache and the tokens before it; writes their keys and values; returns the logits of the tokens
+        from ``start`` on, [len(ids) - start, vocab]. The weights are read once per chunk of up to
+        ``ei_max_tokens()`` tokens, and every token's logits are what ``step`` would give it."""
+        if not (kcache.flags.c_contiguous and vcache.flags.c_contiguous and kcache.dtype == np.float32):
+            raise EdgeInferError("the native decode step needs contiguous float32 KV buffers")
+        ids = [int(t) for t in ids]
+        n, chunk, V = len(ids), self._chunk, self.spec.vocab_size
+        logits = np.empty((max(n - start, 0), V), np.float32)
+        for c0 in range(0, n, chunk):
+            part = ids[c0: c0 + chunk]
+            x = np.ascontiguousarray(np.stack([self.tables.embed(t) for t in part]), np.float32)
+            first = max(start - c0, 0)
+            out = logits[c0 + first - start:] if first < len(part) else logits[:0]
+            rc = self.lib.ei_forward(self._ctx, x.ctypes.data, len(part), pos + c0, kcache.ctypes.data, vcache.ctypes.data,
+                                     kcache.shape[3], first, out.ctypes.data)
+            if rc:
+                raise EdgeInferError("the native decode step ran out of memory")
         return logits
 
     def linear(self, index: int, x: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@
 #define EI_AVX2 0
 #endif
 
-#define EI_ABI 7
+#define EI_ABI 8
 #define MAX_THREADS 64
 
 enum { ACT_F32 = 0, ACT_I16 = 1 };
@@ -527,6 +527,109 @@ static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, f
     for (int r = 0; r < RB; r++) out[r] = acc[r] + off[r];
 }
 
+/* ------------------------------------------------------------------------- several tokens at once */
+/* Prefill and verification: T tokens through one block of 8 rows. Each tile is unpacked once into 16
+ * vectors of int16 weights (vector p pairs with inputs 2p, 2p+1) and multiplied with every token's
+ * inputs, so the weights are read and unpacked once per T tokens instead of once per token. The float
+ * operations per token are the one-token kernel's, in the same order: the logits of a token are the
+ * same bit for bit whichever path computed them. */
+#define TMAX 32
+#define MAX_GROUPS 1024  /* groups of one linear; native/__init__.py checks it */
+
+#if EI_AVX2
+static inline void unpack_tile(const uint8_t *t, int bits, __m256i *W) {
+    const __m256i m4 = _mm256_set1_epi16(15), m8 = _mm256_set1_epi16(255), m16 = _mm256_set1_epi16(16);
+    if (bits == 8) {
+        for (int l = 0; l < 8; l++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));
+            W[2 * l] = _mm256_and_si256(w, m8);
+            W[2 * l + 1] = _mm256_srli_epi16(w, 8);
+        }
+        return;
+    }
+    const __m256i h = _mm256_loadu_si256((const __m256i *)(t + 128));
+#define U5(l) do { \
+        __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * (l))); \
+        if (bits == 4) { \
+            W[4 * (l)] = _mm256_and_si256(w, m4); W[4 * (l) + 1] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4); \
+            W[4 * (l) + 2] = _mm256_and_si256(_mm256_srli_epi16(w, 8), m4); W[4 * (l) + 3] = _mm256_srli_epi16(w, 12); \
+        } else { \
+            W[4 * (l)] = NIB5(w, h, 0, 4 * (l), m4, m16); W[4 * (l) + 1] = NIB5(w, h, 1, 4 * (l) + 1, m4, m16); \
+            W[4 * (l) + 2] = NIB5(w, h, 2, 4 * (l) + 2, m4, m16); W[4 * (l) + 3] = NIB5(w, h, 3, 4 * (l) + 3, m4, m16); \
+        } \
+    } while (0)
+    U5(0); U5(1); U5(2); U5(3);
+#undef U5
+}
+#endif
+
+/* The 8 outputs of block b for each of T tokens into out[T][8]; gs [T][groups]: each token's exact sum
+ * of x over each weight group. DOT2(acc, w, x) adds the pair products of w and x to acc: vpmaddwd and
+ * vpaddd, or one vpdpwssd where the CPU has AVX512-VNNI (the loop is bound by these two instructions:
+ * about 2 a cycle on Zen 4 each, and AVX512VL's 32 vector registers also end the spills). */
+#if EI_AVX2
+#define BLOCK8_TOKENS(NAME, ATTR, DOT2)                                                                        \
+    ATTR static void NAME(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {     \
+        int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;       \
+        size_t gb = group_bytes(L);                                                                            \
+        const uint8_t *p = L->q + (size_t)b * G * gb;                                                          \
+        __m256 acc[TMAX], off[TMAX];                                                                           \
+        __m256i W[16];                                                                                         \
+        for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();                                     \
+        for (int g = 0; g < G; g++, p += gb) {                                                                 \
+            for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);     \
+            __m256 sc = load8f(p, L->s32), bi = load8f(p + RB * es, L->s32);                                   \
+            const uint8_t *tt = p + 2 * RB * es;                                                               \
+            for (int k = 0; k < cpg; k++, tt += tb) {                                                          \
+                int c = g * cpg + k;                                                                           \
+                unpack_tile(tt, L->bits, W);                                                                   \
+                for (int t = 0; t < T; t++) {                                                                  \
+                    const int16_t *x = a[t].xi + 32 * c;                                                       \
+                    __m256i d0 = _mm256_setzero_si256(), d1 = d0;                                              \
+                    for (int q = 0; q < 16; q += 2) {                                                          \
+                        d0 = DOT2(d0, W[q], bcast_pair(x, q));                                                 \
+                        d1 = DOT2(d1, W[q + 1], bcast_pair(x, q + 1));                                         \
+                    }                                                                                          \
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),                     \
+                                             _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);          \
+                    if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);   \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));             \
+    }
+#define DOT2_AVX2(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
+#define DOT2_VNNI(acc, w, x) _mm256_dpwssd_epi32((acc), (w), (x))
+BLOCK8_TOKENS(block8_tokens_avx2, , DOT2_AVX2)
+#if defined(__GNUC__) && !defined(__AVX512VNNI__)
+BLOCK8_TOKENS(block8_tokens_vnni, __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni"))), DOT2_VNNI)
+#define EI_VNNI 1
+#endif
+#endif
+
+#if defined(EI_VNNI)
+static int has_vnni(void) {
+    static atomic_int v = -1;
+    if (atomic_load(&v) < 0)
+        atomic_store(&v, __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && !getenv("EDGEINFER_NO_VNNI"));
+    return atomic_load(&v);
+}
+#endif
+
+static void block8_tokens(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
+    int G = L->n_in / L->group;
+#if EI_AVX2
+    if (a[0].act == ACT_I16) {
+#if defined(EI_VNNI)
+        if (has_vnni()) { block8_tokens_vnni(L, a, gs, T, b, out); return; }
+#endif
+        block8_tokens_avx2(L, a, gs, T, b, out);
+        return;
+    }
+#endif
+    for (int t = 0; t < T; t++) block8(L, a + t, gs + (size_t)t * G, b, out + RB * t);
+}
+
 /* Rows [r0, r1) of one linear into y; r0 is a multiple of 8. */
 static void linear_rows(const ei_linear *L, const act_t *a, int r0, int r1, float *y) {
     int G = L->n_in / L->group, cpg = L->group / 32;
@@ -546,10 +649,23 @@ static void linear_rows(const ei_linear *L, const act_t *a, int r0, int r1, floa
 /* Several linears reading one input, as one parallel region over blocks of rows. */
 typedef struct {
     const ei_linear *lin[3];
-    float *out[3];
-    int nmod, block, first[4];
-    const act_t *a;
+    float *out[3];      /* [T][m_out] each */
+    int nmod, block, first[4], T;
+    const act_t *a;     /* [T] */
+    const float *gs[3]; /* T > 1: [T][groups] per module, each token's sum of x over each weight group */
 } lin_job;
+
+/* Rows [r0, r1) of one linear for T tokens into y [T][m_out]. */
+static void linear_rows_tokens(const ei_linear *L, const act_t *a, const float *gs, int T, int r0, int r1, float *y) {
+    float out[RB * TMAX];
+    for (int r = r0; r < r1; r += RB) {
+        block8_tokens(L, a, gs, T, r / RB, out);
+        int n = r1 - r < RB ? r1 - r : RB;
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < n; i++)
+                y[(size_t)t * L->m_out + r + i] = L->bias ? out[RB * t + i] + L->bias[r + i] : out[RB * t + i];
+    }
+}
 
 static void lin_task(void *arg, int item) {
     lin_job *j = arg;
@@ -557,7 +673,8 @@ static void lin_task(void *arg, int item) {
     while (k + 1 < j->nmod && item >= j->first[k + 1]) k++;
     int r0 = (item - j->first[k]) * j->block, r1 = r0 + j->block;
     if (r1 > j->lin[k]->m_out) r1 = j->lin[k]->m_out;
-    linear_rows(j->lin[k], j->a, r0, r1, j->out[k]);
+    if (j->T == 1) linear_rows(j->lin[k], j->a, r0, r1, j->out[k]);
+    else linear_rows_tokens(j->lin[k], j->a, j->gs[k], j->T, r0, r1, j->out[k]);
 }
 
 /* ---------------------------------------------------------------------------------------- the step */
@@ -570,8 +687,13 @@ typedef struct {
     act_t a;
     /* attention task state */
     int layer;
-    int64_t pos, start;
     float *kc, *vc;
+    /* several tokens (ei_forward): buffers [TMAX][...], allocated at the first call */
+    int T, bt_ready;
+    int64_t pos0;
+    float *bh, *bq, *bk, *bv, *batt, *bo, *bg, *bu, *bd, *bgs;
+    float *cq, *catt;  /* the queries and attention outputs of the current call (the step's or the batch's) */
+    act_t ba[TMAX];
 } ei_ctx;
 
 static void rmsnorm(const float *x, const float *w, float eps, int n, float *out) {
@@ -589,9 +711,22 @@ static void rope(float *v, const float *cs, const float *sn, int half) {
     }
 }
 
-static void linears(ei_ctx *c, const float *x, int n, const ei_linear **mods, float **outs, int nmod) {
-    prepare(&c->a, x, n, c->act);
-    lin_job j = {.nmod = nmod, .a = &c->a};
+/* Several linears reading one input, T tokens of it (x [T][n], outs [T][m_out]). */
+static void linears_tokens(ei_ctx *c, const float *x, int T, int n, const ei_linear **mods, float **outs, int nmod) {
+    act_t *a = T == 1 ? &c->a : c->ba;
+    for (int t = 0; t < T; t++) prepare(a + t, x + (size_t)t * n, n, c->act);
+    lin_job j = {.nmod = nmod, .a = a, .T = T};
+    for (int k = 0; T > 1 && k < nmod; k++) {  /* as linear_rows computes them, once for every block */
+        int G = mods[k]->n_in / mods[k]->group, cpg = mods[k]->group / 32;
+        float *gs = c->bgs + (size_t)k * TMAX * MAX_GROUPS;
+        for (int t = 0; t < T; t++)
+            for (int g = 0; g < G; g++) {
+                float s = 0.f;
+                for (int q = 0; q < cpg; q++) s += a[t].sums[g * cpg + q];
+                gs[(size_t)t * G + g] = s;
+            }
+        j.gs[k] = gs;
+    }
     int total_rows = 0;
     for (int k = 0; k < nmod; k++) total_rows += mods[k]->m_out;
     /* about 4 items a thread per region, at least 16 rows an item */
@@ -607,39 +742,54 @@ static void linears(ei_ctx *c, const float *x, int n, const ei_linear **mods, fl
     pool_run(c->pool, lin_task, &j, items);
 }
 
-static void attn_task(void *arg, int hh) {
-    ei_ctx *c = arg;
+static void linears(ei_ctx *c, const float *x, int n, const ei_linear **mods, float **outs, int nmod) {
+    linears_tokens(c, x, 1, n, mods, outs, nmod);
+}
+
+/* Head hh's attention output o for query qv at position pos over the cached [start, pos]. */
+static void attn_head(const ei_ctx *c, int hh, const float *qv, int64_t start, int64_t pos, float *o) {
     const ei_model *m = c->m;
     int hd = m->head_dim, kv = hh / (m->heads / m->kv_heads);
-    const float *qv = c->q + (size_t)hh * hd;
     const float *K = c->kc + (size_t)kv * c->cap * hd, *V = c->vc + (size_t)kv * c->cap * hd;
     float *probs = c->probs + (size_t)hh * c->cap;
     float mx = -INFINITY;
-    for (int64_t s = c->start; s <= c->pos; s++) {
+    for (int64_t s = start; s <= pos; s++) {
         float acc = dot(qv, K + s * hd, hd) * m->attn_scale;
         if (m->attn_cap > 0.f) acc = tanhf(acc / m->attn_cap) * m->attn_cap;
         probs[s] = acc;
         if (acc > mx) mx = acc;
     }
     float tot = 0.f;
-    int64_t s = c->start;
+    int64_t s = start;
 #if EI_AVX2
     __m256 vt = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
-    for (; s + 8 <= c->pos + 1; s += 8) {
+    for (; s + 8 <= pos + 1; s += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(probs + s), vm));
         _mm256_storeu_ps(probs + s, e);
         vt = _mm256_add_ps(vt, e);
     }
     tot = hsum8(vt);
 #endif
-    for (; s <= c->pos; s++) { float e = expf(probs[s] - mx); probs[s] = e; tot += e; }
-    float *o = c->att + (size_t)hh * hd;
+    for (; s <= pos; s++) { float e = expf(probs[s] - mx); probs[s] = e; tot += e; }
     for (int d = 0; d < hd; d++) o[d] = 0.f;
     float inv = 1.f / tot;
-    for (int64_t s = c->start; s <= c->pos; s++) {
+    for (int64_t s = start; s <= pos; s++) {
         const float *vr = V + s * hd;
         float p = probs[s] * inv;
         for (int d = 0; d < hd; d++) o[d] += p * vr[d];
+    }
+}
+
+/* Head hh for each of the call's tokens in turn, each seeing the positions up to its own. */
+static void attn_task(void *arg, int hh) {
+    ei_ctx *c = arg;
+    const ei_model *m = c->m;
+    int hd = m->head_dim;
+    int64_t w = m->windows[c->layer];
+    for (int t = 0; t < c->T; t++) {
+        int64_t pos = c->pos0 + t, start = (w > 0 && pos - w + 1 > 0) ? pos - w + 1 : 0;
+        size_t at = ((size_t)t * m->heads + hh) * hd;
+        attn_head(c, hh, c->cq + at, start, pos, c->catt + at);
     }
 }
 
@@ -651,9 +801,10 @@ void ei_free(ei_ctx *c) {
     if (!c) return;
     pool_free(c->pool);
     float **bufs[] = {&c->h, &c->q, &c->k, &c->v, &c->att, &c->o, &c->g, &c->u, &c->d, &c->probs, &c->cosb, &c->sinb,
-                      &c->a.xsc, &c->a.sums};
+                      &c->a.xsc, &c->a.sums, &c->bh, &c->bq, &c->bk, &c->bv, &c->batt, &c->bo, &c->bg, &c->bu, &c->bd, &c->bgs};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(*bufs[i]);
     free(c->a.xi);
+    for (int t = 0; t < TMAX; t++) { free(c->ba[t].xsc); free(c->ba[t].sums); free(c->ba[t].xi); }
     free(c);
 }
 
@@ -678,73 +829,130 @@ ei_ctx *ei_new(const ei_model *m, int threads, int act) {
     return c;
 }
 
-/* One token: x (its scaled embedding, overwritten) at position pos; keys and values written at pos of
- * kblock/vblock [layers][kv_heads][cap][head_dim]; logits [vocab]. Returns 0, or -1 when out of memory. */
-int ei_step(ei_ctx *c, float *x, int64_t pos, float *kblock, float *vblock, int64_t cap, float *logits) {
+static int batch_alloc(ei_ctx *c) {
+    if (c->bt_ready) return 0;
+    const ei_model *m = c->m;
+    int H = m->hidden, I = m->inter, D = m->head_dim, nmax = H > I ? H : I;
+    for (int i = 0; i < m->layers * 7 + 1; i++) if (m->lin[i].n_in > nmax) nmax = m->lin[i].n_in;
+    size_t T = TMAX;
+    c->bh = calloc(T * H, 4); c->bq = calloc(T * m->heads * D, 4); c->bk = calloc(T * m->kv_heads * D, 4);
+    c->bv = calloc(T * m->kv_heads * D, 4); c->batt = calloc(T * m->heads * D, 4); c->bo = calloc(T * H, 4);
+    c->bg = calloc(T * I, 4); c->bu = calloc(T * I, 4); c->bd = calloc(T * H, 4);
+    c->bgs = calloc(3 * T * MAX_GROUPS, 4);
+    int ok = c->bh && c->bq && c->bk && c->bv && c->batt && c->bo && c->bg && c->bu && c->bd && c->bgs;
+    for (int t = 0; t < TMAX && ok; t++) {
+        c->ba[t].xsc = calloc(nmax / 32 + 1, 4);
+        c->ba[t].sums = calloc(nmax / 32 + 1, 4);
+        c->ba[t].xi = calloc(nmax, 2);
+        ok = c->ba[t].xsc && c->ba[t].sums && c->ba[t].xi;
+    }
+    c->bt_ready = 1;  /* ei_free releases whatever was allocated */
+    return ok ? 0 : -1;
+}
+
+/* T tokens (x: their scaled embeddings [T][hidden], overwritten) at positions pos0 .. pos0+T-1, each
+ * seeing the cache and the tokens before it; keys and values written at those positions of
+ * kblock/vblock [layers][kv_heads][cap][head_dim]; logits [T - start][vocab] of the tokens from start
+ * (none when start >= T). One token runs on the step's own buffers, several on the batch's. */
+static int forward(ei_ctx *c, float *x, int T, int64_t pos0, float *kblock, float *vblock, int64_t cap, int start,
+                   float *logits) {
     const ei_model *m = c->m;
     int L = m->layers, H = m->hidden, I = m->inter, D = m->head_dim, half = D / 2;
+    int QD = m->heads * D, KD = m->kv_heads * D;
+    if (T < 1 || T > TMAX) return -2;
+    if (T > 1 && batch_alloc(c)) return -1;
     if (cap > c->cap) {
         float *p = realloc(c->probs, (size_t)cap * m->heads * 4);
         if (!p) return -1;
         c->probs = p;
     }
     c->cap = cap;
-    c->pos = pos;
+    c->T = T;
+    c->pos0 = pos0;
+    float *h = T == 1 ? c->h : c->bh, *q = T == 1 ? c->q : c->bq, *k = T == 1 ? c->k : c->bk, *v = T == 1 ? c->v : c->bv;
+    float *att = T == 1 ? c->att : c->batt, *o = T == 1 ? c->o : c->bo, *g = T == 1 ? c->g : c->bg;
+    float *u = T == 1 ? c->u : c->bu, *d = T == 1 ? c->d : c->bd;
+    c->cq = q; c->catt = att;
     for (int li = 0; li < L; li++) {
         const ei_linear *lin = m->lin + (size_t)li * 7;
         const float *nw = m->norms + (size_t)li * 4 * H;
-        rmsnorm(x, nw, m->eps, H, c->h);
+        for (int t = 0; t < T; t++) rmsnorm(x + (size_t)t * H, nw, m->eps, H, h + (size_t)t * H);
         const ei_linear *qkv[3] = {lin, lin + 1, lin + 2};
-        float *qkv_out[3] = {c->q, c->k, c->v};
-        linears(c, c->h, H, qkv, qkv_out, 3);
-        if (m->qk_norm) {
-            const float *qn = m->qk_norms + (size_t)li * 2 * D;
-            float tmp[1024];
-            for (int hh = 0; hh < m->heads; hh++) { memcpy(tmp, c->q + hh * D, D * 4); rmsnorm(tmp, qn, m->eps, D, c->q + hh * D); }
-            for (int hh = 0; hh < m->kv_heads; hh++) { memcpy(tmp, c->k + hh * D, D * 4); rmsnorm(tmp, qn + D, m->eps, D, c->k + hh * D); }
-        }
-        const double *f = m->inv_freq + (size_t)li * half;
-        for (int i = 0; i < half; i++) {
-            double ang = (double)pos * f[i];
-            c->cosb[i] = (float)(cos(ang) * m->mscale);
-            c->sinb[i] = (float)(sin(ang) * m->mscale);
-        }
-        for (int hh = 0; hh < m->heads; hh++) rope(c->q + hh * D, c->cosb, c->sinb, half);
+        float *qkv_out[3] = {q, k, v};
+        linears_tokens(c, h, T, H, qkv, qkv_out, 3);
         c->kc = kblock + (size_t)li * m->kv_heads * cap * D;
         c->vc = vblock + (size_t)li * m->kv_heads * cap * D;
-        for (int hh = 0; hh < m->kv_heads; hh++) {
-            rope(c->k + hh * D, c->cosb, c->sinb, half);
-            memcpy(c->kc + ((size_t)hh * cap + pos) * D, c->k + hh * D, D * 4);
-            memcpy(c->vc + ((size_t)hh * cap + pos) * D, c->v + hh * D, D * 4);
+        const double *f = m->inv_freq + (size_t)li * half;
+        for (int t = 0; t < T; t++) {
+            float *qt = q + (size_t)t * QD, *kt = k + (size_t)t * KD, *vt = v + (size_t)t * KD;
+            int64_t pos = pos0 + t;
+            if (m->qk_norm) {
+                const float *qn = m->qk_norms + (size_t)li * 2 * D;
+                float tmp[1024];
+                for (int hh = 0; hh < m->heads; hh++) { memcpy(tmp, qt + hh * D, D * 4); rmsnorm(tmp, qn, m->eps, D, qt + hh * D); }
+                for (int hh = 0; hh < m->kv_heads; hh++) { memcpy(tmp, kt + hh * D, D * 4); rmsnorm(tmp, qn + D, m->eps, D, kt + hh * D); }
+            }
+            for (int i = 0; i < half; i++) {
+                double ang = (double)pos * f[i];
+                c->cosb[i] = (float)(cos(ang) * m->mscale);
+                c->sinb[i] = (float)(sin(ang) * m->mscale);
+            }
+            for (int hh = 0; hh < m->heads; hh++) rope(qt + hh * D, c->cosb, c->sinb, half);
+            for (int hh = 0; hh < m->kv_heads; hh++) {
+                rope(kt + hh * D, c->cosb, c->sinb, half);
+                memcpy(c->kc + ((size_t)hh * cap + pos) * D, kt + hh * D, D * 4);
+                memcpy(c->vc + ((size_t)hh * cap + pos) * D, vt + hh * D, D * 4);
+            }
         }
-        int64_t w = m->windows[li];
-        c->start = (w > 0 && pos - w + 1 > 0) ? pos - w + 1 : 0;
         c->layer = li;
         pool_run(c->pool, attn_task, c, m->heads);
         const ei_linear *o1[1] = {lin + 3};
-        float *o_out[1] = {c->o};
-        linears(c, c->att, m->heads * D, o1, o_out, 1);
-        if (m->sandwich) { memcpy(c->d, c->o, H * 4); rmsnorm(c->d, nw + 2 * H, m->eps, H, c->o); }
-        for (int i = 0; i < H; i++) x[i] += c->o[i];
-        rmsnorm(x, nw + H, m->eps, H, c->h);
+        float *o_out[1] = {o};
+        linears_tokens(c, att, T, QD, o1, o_out, 1);
+        for (int t = 0; t < T; t++) {
+            float *xt = x + (size_t)t * H, *ot = o + (size_t)t * H;
+            if (m->sandwich) { memcpy(d, ot, H * 4); rmsnorm(d, nw + 2 * H, m->eps, H, ot); }
+            for (int i = 0; i < H; i++) xt[i] += ot[i];
+            rmsnorm(xt, nw + H, m->eps, H, h + (size_t)t * H);
+        }
         const ei_linear *gu[2] = {lin + 4, lin + 5};
-        float *gu_out[2] = {c->g, c->u};
-        linears(c, c->h, H, gu, gu_out, 2);
-        gated(c->g, c->u, I, m->gelu);
+        float *gu_out[2] = {g, u};
+        linears_tokens(c, h, T, H, gu, gu_out, 2);
+        gated(g, u, T * I, m->gelu);
         const ei_linear *dn[1] = {lin + 6};
-        float *d_out[1] = {c->d};
-        linears(c, c->g, I, dn, d_out, 1);
-        if (m->sandwich) { memcpy(c->o, c->d, H * 4); rmsnorm(c->o, nw + 3 * H, m->eps, H, c->d); }
-        for (int i = 0; i < H; i++) x[i] += c->d[i];
+        float *d_out[1] = {d};
+        linears_tokens(c, g, T, I, dn, d_out, 1);
+        for (int t = 0; t < T; t++) {
+            float *xt = x + (size_t)t * H, *dt = d + (size_t)t * H;
+            if (m->sandwich) { memcpy(o, dt, H * 4); rmsnorm(o, nw + 3 * H, m->eps, H, dt); }
+            for (int i = 0; i < H; i++) xt[i] += dt[i];
+        }
     }
-    rmsnorm(x, m->norms + (size_t)L * 4 * H, m->eps, H, c->h);
+    if (start >= T) return 0;
+    int n = T - start;
+    for (int t = 0; t < n; t++) rmsnorm(x + (size_t)(start + t) * H, m->norms + (size_t)L * 4 * H, m->eps, H, h + (size_t)t * H);
     const ei_linear *hd1[1] = {m->lin + (size_t)L * 7};
     float *h_out[1] = {logits};
-    linears(c, c->h, H, hd1, h_out, 1);
+    linears_tokens(c, h, n, H, hd1, h_out, 1);
     if (m->final_cap > 0.f)
-        for (int i = 0; i < m->vocab; i++) logits[i] = tanhf(logits[i] / m->final_cap) * m->final_cap;
+        for (size_t i = 0; i < (size_t)n * m->vocab; i++) logits[i] = tanhf(logits[i] / m->final_cap) * m->final_cap;
     return 0;
 }
+
+/* One token: x (its scaled embedding, overwritten) at position pos; keys and values written at pos of
+ * kblock/vblock [layers][kv_heads][cap][head_dim]; logits [vocab]. Returns 0, or -1 when out of memory. */
+int ei_step(ei_ctx *c, float *x, int64_t pos, float *kblock, float *vblock, int64_t cap, float *logits) {
+    return forward(c, x, 1, pos, kblock, vblock, cap, 0, logits);
+}
+
+/* Up to TMAX tokens at once (prefill, verification): see forward. Returns 0, -1 when out of memory, -2
+ * for a T outside [1, TMAX]. */
+int ei_forward(ei_ctx *c, float *x, int T, int64_t pos0, float *kblock, float *vblock, int64_t cap, int start,
+               float *logits) {
+    return forward(c, x, T, pos0, kblock, vblock, cap, start, logits);
+}
+
+int ei_max_tokens(void) { return TMAX; }
 
 /* One linear alone (tests and benchmarks): y = W x for the rows [0, m_out). */
 int ei_linear_apply(ei_ctx *c, const ei_linear *L, const float *x, float *y) {
