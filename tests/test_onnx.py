@@ -45,7 +45,10 @@ def _pair(path, **opts):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("bits,group", [(4, 32), (8, 64), (32, 64)])
-def test_logits_match_mlx(onnx_package, arch, bits, group):
+def test_logits_match_mlx(onnx_package, arch, bits, group, monkeypatch):
+    """The exact graph (float activations: what verifies token trees) against MLX; the native step's own
+    prefill is checked against it in tests/test_native.py."""
+    monkeypatch.setenv("EDGEINFER_NATIVE_PREFILL", "off")
     mlx, ort = _pair(onnx_package(arch, bits, group))
     a = mlx.logits(PROMPT)
     b = ort.logits(PROMPT)

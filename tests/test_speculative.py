@@ -130,9 +130,9 @@ def test_cache_after_speculation_is_plain_decodings(loaded, package, backend):
         spec = Speculator(m, draft=draft_path(package, "llama", "4bit"), num_draft=4, tree=tree)
         out, got = continued(spec)
         assert out == plain
-        # on ONNX, plain decoding's keys and values come from the native step (int16 activations), the
-        # verification's from the graph (float): ~1e-4 apart, which the drafts then read
-        np.testing.assert_allclose(got, ref, atol=1e-4 if backend == "mlx" else 5e-4, rtol=0)
+        # on ONNX, plain decoding and chain verification run the native step (int16 activations), tree
+        # verification the graph (float): keys and values ~1e-4 apart, which the later tokens then read
+        np.testing.assert_allclose(got, ref, atol=1e-4 if backend == "mlx" else 2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("backend", ["mlx", "onnx"])

@@ -13,6 +13,8 @@ weights on disk (111-373 MB), so none is kept.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +156,8 @@ class ONNXModel:
             from ..native import NativeDecoder
 
             self.native = NativeDecoder(pkg, threads=threads)
+        # prompts and draft chains too, unless EDGEINFER_NATIVE_PREFILL=off sends them to the exact graph
+        self.native_chunks = self.native is not None and os.environ.get("EDGEINFER_NATIVE_PREFILL", "").lower() != "off"
         self.exact = self.native is not None or pkg.manifest.get("onnx", {}).get("accuracy_level", 4) != 4
         try:
             model = exact_graph_bytes(path) if self.native is not None else str(path)
@@ -233,7 +237,7 @@ class ONNXModel:
             logits = self.sparse_engine.step(int(ids[0, 0]), cache.offset, cache.k_block, cache.v_block)
             cache.offset += 1
             return logits.reshape(1, 1, -1)
-        if self.native is not None and positions is None:
+        if self.native is not None and positions is None and (L == 1 or self.native_chunks):
             # one token, a prompt or a draft chain: the native step, on the same KV buffers as the graph
             if cache.reserve(L):
                 self._bound_cache = None

@@ -8,7 +8,9 @@ decodes with its graph.
 
 Activations: ``i16`` (default) rounds each 32-input chunk of x to int16 against its own max, ``f32``
 multiplies in float; EDGEINFER_NATIVE_ACT picks. EDGEINFER_NATIVE=off|generic|avx2 picks the build
-(``off`` disables the step).
+(``off`` disables the step). Prompts and draft chains run here too (``forward``, up to 32 tokens a call),
+unless EDGEINFER_NATIVE_PREFILL=off sends them to the exact graph; EDGEINFER_NO_VNNI=1 keeps that batch
+kernel off AVX512-VNNI.
 """
 
 from __future__ import annotations
