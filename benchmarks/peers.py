@@ -4,8 +4,8 @@ thread count, prompt and lengths, interleaved over the repetitions (issue 3).
     python benchmarks/peers.py [--peers all|NAME,...] [--threads 2] [-p 512] [-n 128] [-r 5] [--no-write]
 
 Peers (each optional; a missing one is skipped with a notice; `pip install -e '.[peers]'` installs them):
-  edgeinfer-onnx  edgeinfer.load(PKG, backend="onnx", threads=N) on the package (4-bit): exact prefill on the
-                  graph, the native decode step (edgeinfer/native)
+  edgeinfer-onnx  edgeinfer.load(PKG, backend="onnx", threads=N) on the package (4-bit): the native step
+                  (edgeinfer/native) for prompts and decode
   edgeinfer-int8  the same package on its ONNX graph alone (int8 activations; EDGEINFER_NATIVE=off), as
                   edgeinfer decoded before the native step
   edgeinfer-mlx   edgeinfer.load(PKG, backend="mlx") on the package (MLX's CPU backend on Linux)

@@ -146,9 +146,9 @@ class ONNXModel:
             so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # The native decode step (edgeinfer.native) runs the one-token steps; then the graph's longer
-        # chunks (prefill, verification) run with float activations, so that the whole answer is the exact
-        # model's: int8 activations in prefill had flipped first tokens ("L'Étoile" for "Paris").
+        # The native step (edgeinfer.native) runs one-token steps, prompts and draft chains; the graph
+        # (then with float activations, so that every answer stays the exact model's: int8 activations in
+        # prefill had flipped first tokens, "L'Étoile" for "Paris") verifies token trees.
         self.pkg = pkg
         self.native = None
         self.native_unavailable = "not wanted" if decode == "graph" else native_unavailable(pkg)
@@ -185,7 +185,7 @@ class ONNXModel:
         self.moe_top_k = int(moe_top_k or self.spec.num_experts_per_tok)
         self.moe_stats: list[dict] = []
         # R-Sparse (edgeinfer/sparse): one-token steps under a plan run the numba engine on the same KV
-        # buffers; prefill stays this graph, dense.
+        # buffers; prefill stays dense.
         self.sparse_engine = None
         self.sparsity_plan = None
         self.set_sparsity(sparsity_plan)
