@@ -437,7 +437,10 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
             from .native import resident_bytes
 
             native_bytes = resident_bytes(package)
-        exact_graph = bool(native_bytes) or package.manifest.get("onnx", {}).get("accuracy_level", 4) != 4
+        # With the native step prompts run there too (unless EDGEINFER_NATIVE_PREFILL=off): the exact graph
+        # then only verifies token trees, and its fp32 workspace is not counted (a --tree run can exceed it).
+        native_chunks = bool(native_bytes) and os.environ.get("EDGEINFER_NATIVE_PREFILL", "").lower() != "off"
+        exact_graph = (bool(native_bytes) and not native_chunks) or package.manifest.get("onnx", {}).get("accuracy_level", 4) != 4
         onnx_dequant = max((p.dequantized for p in parts), default=0) if exact_graph and quantized_pkg else 0
 
     sparse_terms, sparse_note = _sparse_terms(package, backend, sparsity_plan)

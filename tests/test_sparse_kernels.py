@@ -114,6 +114,13 @@ def _one_linear(eng: SparseEngine, mi: int, x: np.ndarray) -> np.ndarray:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _prefill_on_the_exact_graph(monkeypatch):
+    """The sparse engine decodes in float after a dense prefill; these tests hold it to the exact graph, so
+    prompts run there too (the native step's int16 prefill is held to the same graph in tests/test_native.py)."""
+    monkeypatch.setenv("EDGEINFER_NATIVE_PREFILL", "off")
+
+
 @pytest.mark.parametrize("level,rho", [(0.3, 0.5), (0.5, 0.5), (0.7, 0.7), (0.5, 1.0)])
 def test_fused_linear_equals_the_formula(sparse_package, level, rho):
     pkg = open_package(sparse_package("qwen2"))  # hidden 128, inter 256: 4 and 8 groups of 32; q/k/v biases
