@@ -140,6 +140,7 @@ class ONNXModel:
         if threads is not None and threads < 1:
             raise EdgeInferError(f"--threads must be at least 1, not {threads}")
         self.threads = threads
+        self._ort = ort
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if threads:
@@ -159,27 +160,28 @@ class ONNXModel:
         # prompts and draft chains too, unless EDGEINFER_NATIVE_PREFILL=off sends them to the exact graph
         self.native_chunks = self.native is not None and os.environ.get("EDGEINFER_NATIVE_PREFILL", "").lower() != "off"
         self.exact = self.native is not None or pkg.manifest.get("onnx", {}).get("accuracy_level", 4) != 4
+        self._graph, self._so, self._wanted_providers = path, so, providers
+        self._session = None
+        self._bound_cache = None
+        self._ov = ort.OrtValue.ortvalue_from_numpy
+        # The graph's inputs, from its protobuf alone: with prompts on the native step the session (ORT's
+        # copy of the weights, its arena) is opened only when a token tree is verified.
         try:
-            model = exact_graph_bytes(path) if self.native is not None else str(path)
-            if not isinstance(model, str):
-                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-            self.session = ort.InferenceSession(model, sess_options=so, providers=providers)
-        except Exception as e:  # ORT raises its own exception types with multi-line text
+            import onnx
+
+            names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+        except Exception as e:  # onnx raises DecodeError and others for a damaged file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise EdgeInferError(f"cannot load {path}: {first}") from None
-        names = {i.name for i in self.session.get_inputs()}
         need = {"input_ids", "seqlens_k", "total_sequence_length", "logits_start"}
         if not need <= names:
             raise EdgeInferError(f"{path} is not an edgeinfer graph (inputs {sorted(names)})")
         self.rope_inputs = {n: (int(n.rsplit("_", 1)[1]), n.split("_")[1]) for n in names if n.startswith("rope_")}
-        self._binding = self.session.io_binding()
-        self._ov = ort.OrtValue.ortvalue_from_numpy
-        self._bound_cache = None
-        self.providers = self.session.get_providers()
         # Tree attention (speculative decoding): graphs exported since it exist take per-token position
         # offsets and an attention bias over the speculated tokens; zeros make a plain causal chunk.
         self.tree_inputs = {"position_delta", "tree_bias"} <= names
-        self._tree_bound = self.tree_inputs  # the zeros are bound at the first plain call
+        if not self.native_chunks:
+            self._open_session()
         # MoE graphs take the expert budget and top-k as inputs and return per-layer stats (edgeinfer/moe.py)
         check_moe(self.spec, None, moe_top_k)
         self.moe_top_k = int(moe_top_k or self.spec.num_experts_per_tok)
@@ -189,6 +191,31 @@ class ONNXModel:
         self.sparse_engine = None
         self.sparsity_plan = None
         self.set_sparsity(sparsity_plan)
+
+    def _open_session(self):
+        """The ORT session over the graph (exact when the native step exists), opened once."""
+        if self._session is None:
+            try:
+                model = exact_graph_bytes(self._graph) if self.native is not None else str(self._graph)
+                if not isinstance(model, str):
+                    self._so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                      str(self._graph.parent))
+                self._session = self._ort.InferenceSession(model, sess_options=self._so, providers=self._wanted_providers)
+            except Exception as e:  # ORT raises its own exception types with multi-line text
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EdgeInferError(f"cannot load {self._graph}: {first}") from None
+            self._binding = self._session.io_binding()
+            self._bound_cache = None
+            self._tree_bound = self.tree_inputs  # the zeros are bound at the first plain call
+        return self._session
+
+    @property
+    def session(self):
+        return self._open_session()
+
+    @property
+    def providers(self) -> list[str]:
+        return self._session.get_providers() if self._session is not None else list(self._wanted_providers)
 
     def set_sparsity(self, plan, mode: str | None = None) -> None:
         """Switches the R-Sparse plan (None: dense). Only decode steps are sparse on this backend."""
@@ -247,6 +274,7 @@ class ONNXModel:
                 logits = self.native.forward(ids[0], cache.offset, cache.k_block, cache.v_block, L - 1 if last_only else 0)
             cache.offset += L
             return logits.reshape(1, logits.size // self.spec.vocab_size, -1)
+        self._open_session()
         if positions is not None:
             self.check_tree()
             delta = np.asarray(positions, np.int64) - np.arange(cache.offset, cache.offset + L)
