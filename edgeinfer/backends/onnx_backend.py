@@ -14,7 +14,6 @@ weights on disk (111-373 MB), so none is kept.
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import numpy as np
