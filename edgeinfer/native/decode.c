@@ -540,6 +540,7 @@ static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, f
 static inline void unpack_tile(const uint8_t *t, int bits, __m256i *W) {
     const __m256i m4 = _mm256_set1_epi16(15), m8 = _mm256_set1_epi16(255), m16 = _mm256_set1_epi16(16);
     if (bits == 8) {
+#pragma GCC unroll 8
         for (int l = 0; l < 8; l++) {
             __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));
             W[2 * l] = _mm256_and_si256(w, m8);
@@ -599,10 +600,62 @@ static inline void unpack_tile(const uint8_t *t, int bits, __m256i *W) {
         for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));             \
     }
 #define DOT2_AVX2(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
-#define DOT2_VNNI(acc, w, x) _mm256_dpwssd_epi32((acc), (w), (x))
 BLOCK8_TOKENS(block8_tokens_avx2, , DOT2_AVX2)
-#if defined(__GNUC__) && !defined(__AVX512VNNI__)
-BLOCK8_TOKENS(block8_tokens_vnni, __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni"))), DOT2_VNNI)
+#if defined(__GNUC__)
+/* With AVX512VL's 32 registers the 16 unpacked weight vectors stay in registers while four tokens take
+ * them in turn, two accumulators each (eight independent vpdpwssd chains). */
+#define VNNI_ATTR __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
+VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
+    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
+    size_t gb = group_bytes(L);
+    const uint8_t *p = L->q + (size_t)b * G * gb;
+    __m256 acc[TMAX], off[TMAX];
+    __m256i W[16];
+    for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++, p += gb) {
+        for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);
+        __m256 sc = load8f(p, L->s32), bi = load8f(p + RB * es, L->s32);
+        const uint8_t *tt = p + 2 * RB * es;
+        for (int k = 0; k < cpg; k++, tt += tb) {
+            int c = g * cpg + k, t = 0;
+            unpack_tile(tt, L->bits, W);
+            for (; t + 4 <= T; t += 4) {
+                const int16_t *x0 = a[t].xi + 32 * c, *x1 = a[t + 1].xi + 32 * c, *x2 = a[t + 2].xi + 32 * c,
+                              *x3 = a[t + 3].xi + 32 * c;
+                __m256i d[8];
+                for (int i = 0; i < 8; i++) d[i] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int q = 0; q < 16; q += 2) {
+                    d[0] = _mm256_dpwssd_epi32(d[0], W[q], bcast_pair(x0, q));
+                    d[1] = _mm256_dpwssd_epi32(d[1], W[q], bcast_pair(x1, q));
+                    d[2] = _mm256_dpwssd_epi32(d[2], W[q], bcast_pair(x2, q));
+                    d[3] = _mm256_dpwssd_epi32(d[3], W[q], bcast_pair(x3, q));
+                    d[4] = _mm256_dpwssd_epi32(d[4], W[q + 1], bcast_pair(x0, q + 1));
+                    d[5] = _mm256_dpwssd_epi32(d[5], W[q + 1], bcast_pair(x1, q + 1));
+                    d[6] = _mm256_dpwssd_epi32(d[6], W[q + 1], bcast_pair(x2, q + 1));
+                    d[7] = _mm256_dpwssd_epi32(d[7], W[q + 1], bcast_pair(x3, q + 1));
+                }
+                for (int i = 0; i < 4; i++) {
+                    acc[t + i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[i], d[i + 4])),
+                                                 _mm256_mul_ps(sc, _mm256_set1_ps(a[t + i].xsc[c])), acc[t + i]);
+                    if (k == 0) off[t + i] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)(t + i) * G + g]), off[t + i]);
+                }
+            }
+            for (; t < T; t++) {
+                const int16_t *x = a[t].xi + 32 * c;
+                __m256i d0 = _mm256_setzero_si256(), d1 = d0;
+                for (int q = 0; q < 16; q += 2) {
+                    d0 = _mm256_dpwssd_epi32(d0, W[q], bcast_pair(x, q));
+                    d1 = _mm256_dpwssd_epi32(d1, W[q + 1], bcast_pair(x, q + 1));
+                }
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),
+                                         _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);
+                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));
+}
 #define EI_VNNI 1
 #endif
 #endif
