@@ -805,17 +805,26 @@ static void attn_head(const ei_ctx *c, int hh, const float *qv, int64_t start, i
     int hd = m->head_dim, kv = hh / (m->heads / m->kv_heads);
     const float *K = c->kc + (size_t)kv * c->cap * hd, *V = c->vc + (size_t)kv * c->cap * hd;
     float *probs = c->probs + (size_t)hh * c->cap;
-    float mx = -INFINITY;
     for (int64_t s = start; s <= pos; s++) {
         float acc = dot(qv, K + s * hd, hd) * m->attn_scale;
         if (m->attn_cap > 0.f) acc = tanhf(acc / m->attn_cap) * m->attn_cap;
         probs[s] = acc;
-        if (acc > mx) mx = acc;
     }
-    float tot = 0.f;
+    float mx = -INFINITY, tot = 0.f;
     int64_t s = start;
 #if EI_AVX2
-    __m256 vt = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
+    /* the max and the sum as vectors: a compare-and-branch per position was a tenth of a long prompt */
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; s + 8 <= pos + 1; s += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(probs + s));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    mx = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+    for (; s <= pos; s++) mx = probs[s] > mx ? probs[s] : mx;
+    s = start;
+#if EI_AVX2
+    __m256 vt = _mm256_setzero_ps();
+    vm = _mm256_set1_ps(mx);
     for (; s + 8 <= pos + 1; s += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(probs + s), vm));
         _mm256_storeu_ps(probs + s, e);
@@ -824,12 +833,26 @@ static void attn_head(const ei_ctx *c, int hh, const float *qv, int64_t start, i
     tot = hsum8(vt);
 #endif
     for (; s <= pos; s++) { float e = expf(probs[s] - mx); probs[s] = e; tot += e; }
-    for (int d = 0; d < hd; d++) o[d] = 0.f;
     float inv = 1.f / tot;
-    for (int64_t s = start; s <= pos; s++) {
-        const float *vr = V + s * hd;
-        float p = probs[s] * inv;
-        for (int d = 0; d < hd; d++) o[d] += p * vr[d];
+    int d0 = 0;
+#if EI_AVX2
+    /* 64 output dimensions at a time in 8 registers over every position, not a store per position */
+    for (; d0 + 64 <= hd; d0 += 64) {
+        __m256 a[8];
+        for (int q = 0; q < 8; q++) a[q] = _mm256_setzero_ps();
+        for (int64_t t = start; t <= pos; t++) {
+            const float *vr = V + t * hd + d0;
+            __m256 p = _mm256_set1_ps(probs[t] * inv);
+            for (int q = 0; q < 8; q++) a[q] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * q), a[q]);
+        }
+        for (int q = 0; q < 8; q++) _mm256_storeu_ps(o + d0 + 8 * q, a[q]);
+    }
+#endif
+    for (int d = d0; d < hd; d++) o[d] = 0.f;
+    for (int64_t t = start; t <= pos && d0 < hd; t++) {
+        const float *vr = V + t * hd;
+        float p = probs[t] * inv;
+        for (int d = d0; d < hd; d++) o[d] += p * vr[d];
     }
 }
 
