@@ -443,9 +443,14 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
 
         native_bytes = 0
         if native and native_unavailable(package) is None:
+            from .decode_tables import module_names
             from .native import resident_bytes
 
             native_bytes = resident_bytes(package)
+            # the copy is made linear by linear, each one's file pages dropped after it: the largest one's
+            index = safetensors_index(package.weights_path)
+            largest_source = max(sum(t["end"] - t["start"] for k, t in index.items() if k.rsplit(".", 1)[0] == name)
+                                 for name in module_names(package))
         # With the native step, prompts run there too (unless EDGEINFER_NATIVE_PREFILL=off) and ORT's session
         # is opened only to verify a token tree (--tree): a plain chat holds the native copy, plus the package
         # file's pages while that copy is made (evicted after). Measured: SmolLM2 peak 274 MB, Qwen2.5-Coder
@@ -463,8 +468,8 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
             kv, caps = kv_cache_bytes(spec, ctx, 4, ring_sliding=False)
             if native_chunks:
                 terms.append(Term("native weights", native_bytes, "the native step's copy of the linears (prompts and decode)"))
-                terms.append(Term("loading", file_bytes, "the package file's pages while that copy is made (evicted after; "
-                                  "a token-tree verification opens the ONNX graph on top)"))
+                terms.append(Term("loading", largest_source, "the largest linear's file pages while it is copied "
+                                  "(a token-tree verification opens the ONNX graph on top)"))
                 terms.append(Term("kv cache", kv, f"{ctx} tokens x {fmt_bytes(kv / max(ctx, 1))}/token (float32)"))
                 terms.append(Term("activations", native_activation_bytes(spec, ctx), "a 32-token chunk of the native step"))
                 return terms

@@ -53,6 +53,26 @@ def unpack(words: np.ndarray, bits: int) -> np.ndarray:
     return (vals * (1 << np.arange(bits, dtype=np.uint16))).sum(-1).astype(np.uint8)
 
 
+def drop_pages_of(arrays) -> None:
+    """Lets the OS drop the pages behind each of ``arrays`` (views of ``map_safetensors``) from this
+    process, as soon as they are copied: a loader that copies a file tensor by tensor then holds one
+    tensor of it at a time, not the whole file (clean file pages; a later read faults them back in)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    for a in arrays:
+        top = a  # the whole file's np.memmap: the last array of the chain, whose base is the mmap itself
+        while isinstance(getattr(top, "base", None), np.ndarray):
+            top = top.base
+        mm = getattr(top, "base", None)
+        if not isinstance(mm, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+            continue
+        start = a.ctypes.data - top.ctypes.data
+        lo, hi = start // page * page, min(-(-(start + a.nbytes) // page) * page, len(mm))
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def drop_resident_pages(arrays: dict[str, np.ndarray]) -> None:
     """Lets the OS drop the pages of the mapping behind ``arrays`` from this process (the file stays
     cached): for a reader that copied what it needs and keeps only a few rows of the mapping in use."""

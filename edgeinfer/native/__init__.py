@@ -26,7 +26,7 @@ import numpy as np
 from ..decode_tables import DecodeTables, check_arch, module_names
 from ..errors import EdgeInferError
 from ..package import Package
-from ..safetensors_map import drop_resident_pages, map_safetensors
+from ..safetensors_map import drop_pages_of, drop_resident_pages, map_safetensors
 
 ABI = 8
 ACTS = {"f32": 0, "i16": 1}
@@ -196,6 +196,8 @@ class NativeDecoder:
         lins = (_Linear * len(names))()
         for i, name in enumerate(names):
             lins[i] = self._linear(pkg, w, name)
+            # copied: its file pages can go now (the embedding's rows are read again for every token)
+            drop_pages_of(w[f"{name}.{part}"] for part in ("weight", "scales", "biases", "bias") if f"{name}.{part}" in w)
         self._lins = lins
         drop_resident_pages(w)  # the linears are copied; only embedding rows are read from the mapping now
         m = _Model()
