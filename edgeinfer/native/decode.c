@@ -565,42 +565,39 @@ static inline void unpack_tile(const uint8_t *t, int bits, __m256i *W) {
 #endif
 
 /* The 8 outputs of block b for each of T tokens into out[T][8]; gs [T][groups]: each token's exact sum
- * of x over each weight group. DOT2(acc, w, x) adds the pair products of w and x to acc: vpmaddwd and
- * vpaddd, or one vpdpwssd where the CPU has AVX512-VNNI (the loop is bound by these two instructions:
- * about 2 a cycle on Zen 4 each, and AVX512VL's 32 vector registers also end the spills). */
+ * of x over each weight group. AVX2: one token at a time, vpmaddwd + vpaddd (with 16 registers a
+ * two-token loop spilled and gained nothing); block8_tokens_vnni below is the AVX512-VNNI version. */
 #if EI_AVX2
-#define BLOCK8_TOKENS(NAME, ATTR, DOT2)                                                                        \
-    ATTR static void NAME(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {     \
-        int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;       \
-        size_t gb = group_bytes(L);                                                                            \
-        const uint8_t *p = L->q + (size_t)b * G * gb;                                                          \
-        __m256 acc[TMAX], off[TMAX];                                                                           \
-        __m256i W[16];                                                                                         \
-        for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();                                     \
-        for (int g = 0; g < G; g++, p += gb) {                                                                 \
-            for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);     \
-            __m256 sc = load8f(p, L->s32), bi = load8f(p + RB * es, L->s32);                                   \
-            const uint8_t *tt = p + 2 * RB * es;                                                               \
-            for (int k = 0; k < cpg; k++, tt += tb) {                                                          \
-                int c = g * cpg + k;                                                                           \
-                unpack_tile(tt, L->bits, W);                                                                   \
-                for (int t = 0; t < T; t++) {                                                                  \
-                    const int16_t *x = a[t].xi + 32 * c;                                                       \
-                    __m256i d0 = _mm256_setzero_si256(), d1 = d0;                                              \
-                    for (int q = 0; q < 16; q += 2) {                                                          \
-                        d0 = DOT2(d0, W[q], bcast_pair(x, q));                                                 \
-                        d1 = DOT2(d1, W[q + 1], bcast_pair(x, q + 1));                                         \
-                    }                                                                                          \
-                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),                     \
-                                             _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);          \
-                    if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);   \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
-        for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));             \
-    }
 #define DOT2_AVX2(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
-BLOCK8_TOKENS(block8_tokens_avx2, , DOT2_AVX2)
+static void block8_tokens_avx2(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
+    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
+    size_t gb = group_bytes(L);
+    const uint8_t *p = L->q + (size_t)b * G * gb;
+    __m256 acc[TMAX], off[TMAX];
+    __m256i W[16];
+    for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++, p += gb) {
+        for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);
+        __m256 sc = load8f(p, L->s32), bi = load8f(p + RB * es, L->s32);
+        const uint8_t *tt = p + 2 * RB * es;
+        for (int k = 0; k < cpg; k++, tt += tb) {
+            int c = g * cpg + k;
+            unpack_tile(tt, L->bits, W);
+            for (int t = 0; t < T; t++) {
+                const int16_t *x = a[t].xi + 32 * c;
+                __m256i d0 = _mm256_setzero_si256(), d1 = d0;
+                for (int q = 0; q < 16; q += 2) {
+                    d0 = DOT2_AVX2(d0, W[q], bcast_pair(x, q));
+                    d1 = DOT2_AVX2(d1, W[q + 1], bcast_pair(x, q + 1));
+                }
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),
+                                         _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);
+                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));
+}
 #if defined(__GNUC__)
 /* With AVX512VL's 32 registers the 16 unpacked weight vectors stay in registers while four tokens take
  * them in turn, two accumulators each (eight independent vpdpwssd chains). */
