@@ -114,10 +114,11 @@ def _one_linear(eng: SparseEngine, mi: int, x: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _prefill_on_the_exact_graph(monkeypatch):
-    """The sparse engine decodes in float after a dense prefill; these tests hold it to the exact graph, so
-    prompts run there too (the native step's int16 prefill is held to the same graph in tests/test_native.py)."""
+@pytest.fixture
+def prefill_on_the_exact_graph(monkeypatch):
+    """The sparse engine decodes in float after a dense prefill. The tests that hold it to the exact graph
+    (or to MLX) prefill there too; the others run the default, the native step's int16 prefill (held to
+    the same graph in tests/test_native.py)."""
     monkeypatch.setenv("EDGEINFER_NATIVE_PREFILL", "off")
 
 
@@ -178,7 +179,7 @@ def test_rows_of_modules_sharing_an_input_are_one_run(sparse_package):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_engine_keeping_every_channel_matches_the_exact_graph(sparse_package, arch):
+def test_engine_keeping_every_channel_matches_the_exact_graph(sparse_package, arch, prefill_on_the_exact_graph):
     path = sparse_package(arch)
     dense = edgeinfer.load(path, backend="onnx", threads=1, decode="graph")
     pkg = open_package(path)
@@ -233,7 +234,7 @@ def test_onnx_backend_under_a_plan_gives_the_reference_tokens(sparse_package, tm
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
-def test_both_backends_give_the_same_tokens_under_a_plan(sparse_package, tmp_path, arch):
+def test_both_backends_give_the_same_tokens_under_a_plan(sparse_package, tmp_path, arch, prefill_on_the_exact_graph):
     """MLX's masked sparse linear and the ONNX backend's engine run one plan to the same greedy tokens
     (prefill dense on both: MLX in float, ONNX on the exact graph)."""
     path = tmp_path / arch
