@@ -43,8 +43,10 @@ RING_SLACK = 64  # sliding-window rings hold the window plus this many tokens (K
 MIN_CONTEXT = 256  # the planner does not shrink the context below this on its own
 # Measured on MLX's Linux CPU backend: the process grows beyond MLX's own peak counter by about 6 MiB
 # (threads, allocator slack) plus BLAS packing buffers that grow with the largest matrix, up to about
-# 26 MiB (tiny models: +6 MiB; SmolLM2: +32 MiB); see tests/test_memory.py. ONNX: an estimate.
-WORKSPACE = {"mlx": (6 * MiB, 26 * MiB), "onnx": (64 * MiB, 0)}
+# 26 MiB (tiny models: +6 MiB; SmolLM2: +32 MiB); see tests/test_memory.py. ONNX: an estimate. The
+# native step: its tables, thread pool and what the load leaves on the heap, measured at 1-5 MB beyond
+# its weights, cache and buffers, with room for a machine whose allocator keeps more.
+WORKSPACE = {"mlx": (6 * MiB, 26 * MiB), "onnx": (64 * MiB, 0), "native": (12 * MiB, 0)}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _ST_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "F64": 8, "I64": 8}
 
@@ -160,8 +162,12 @@ def default_budget(baseline: int = 0) -> tuple[int, str]:
     return b, f"device default: {dev['source']} {fmt_bytes(dev['available'])} less {fmt_bytes(room)} headroom"
 
 
-def process_rss() -> int:
-    """The resident set of this process now (Linux), or its peak so far elsewhere."""
+def process_rss(trim: bool = False) -> int:
+    """The resident set of this process now (Linux), or its peak so far elsewhere. ``trim``: on glibc the
+    heap's free memory is returned first (a tokenizer's parse leaves tens of MB free but resident, which a
+    load that allocates with malloc, as the native step's does, reuses)."""
+    if trim:
+        _trim_heap()
     statm = _read("/proc/self/statm")
     if statm:
         return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -169,6 +175,16 @@ def process_rss() -> int:
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
+
+
+def _trim_heap() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
 
 
 # -- the package --------------------------------------------------------------------------------------
@@ -400,7 +416,9 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
     not fit: the plan's ``fits`` is False and ``refusal()`` names the smallest budget."""
     spec = package.spec
     if baseline is None:
-        baseline = process_rss()
+        # ONNX Runtime's native step allocates its copy with malloc, into the heap's free memory: counting
+        # that memory overstated Qwen2.5-Coder's peak by 42 MB. MLX's terms were measured untrimmed.
+        baseline = process_rss(trim=backend == "onnx")
     if budget is None:
         budget_bytes, source = default_budget(baseline)
     else:
@@ -444,17 +462,17 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
         native_bytes = 0
         if native and native_unavailable(package) is None:
             from .decode_tables import module_names
-            from .native import resident_bytes
+            from .native import PACK_ROWS_BYTES, resident_bytes
 
             native_bytes = resident_bytes(package)
-            # the copy is made linear by linear, each one's file pages dropped after it: the largest one's
+            # the copy is made a few MiB of rows at a time, each part's file pages dropped after it: at most
+            # one part (and its scales widened to float32) is held beside the copy
             index = safetensors_index(package.weights_path)
-            largest_source = max(sum(t["end"] - t["start"] for k, t in index.items() if k.rsplit(".", 1)[0] == name)
-                                 for name in module_names(package))
+            largest_source = min(2 * PACK_ROWS_BYTES, max(sum(t["end"] - t["start"] for k, t in index.items()
+                                                              if k.rsplit(".", 1)[0] == name) for name in module_names(package)))
         # With the native step, prompts run there too (unless EDGEINFER_NATIVE_PREFILL=off) and ORT's session
-        # is opened only to verify a token tree (--tree): a plain chat holds the native copy, plus the package
-        # file's pages while that copy is made (evicted after). Measured: SmolLM2 peak 274 MB, Qwen2.5-Coder
-        # 0.5B 1008 MB, against 473 and 1749 MB with the graph opened at load.
+        # is opened only to verify a token tree (--tree), and neither onnxruntime nor onnx is imported before:
+        # a plain chat holds the native copy, plus one linear's file pages at a time while that copy is made.
         native_chunks = bool(native_bytes) and os.environ.get("EDGEINFER_NATIVE_PREFILL", "").lower() != "off"
         exact_graph = bool(native_bytes) or package.manifest.get("onnx", {}).get("accuracy_level", 4) != 4
         onnx_dequant = max((p.dequantized for p in parts), default=0) if exact_graph and quantized_pkg else 0
@@ -467,11 +485,16 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
         if backend == "onnx":
             kv, caps = kv_cache_bytes(spec, ctx, 4, ring_sliding=False)
             if native_chunks:
+                act = native_activation_bytes(spec, ctx)
                 terms.append(Term("native weights", native_bytes, "the native step's copy of the linears (prompts and decode)"))
-                terms.append(Term("loading", largest_source, "the largest linear's file pages while it is copied "
-                                  "(a token-tree verification opens the ONNX graph on top)"))
                 terms.append(Term("kv cache", kv, f"{ctx} tokens x {fmt_bytes(kv / max(ctx, 1))}/token (float32)"))
-                terms.append(Term("activations", native_activation_bytes(spec, ctx), "a 32-token chunk of the native step"))
+                terms.append(Term("activations", act, "a 32-token chunk of the native step"))
+                terms.append(Term("workspace", WORKSPACE["native"][0], "the step's tables and threads, allocator slack"))
+                # The load's peak (the largest linear's file pages while it is copied) comes before the cache
+                # and buffers exist: only what it has beyond them adds to the process's peak.
+                terms.append(Term("loading", max(0, largest_source - kv - act), f"the file pages being copied "
+                                  f"({fmt_bytes(largest_source)} at most), beyond the cache and buffers made after "
+                                  "(a token-tree verification opens the ONNX graph on top)"))
                 return terms
             terms.append(Term("weights", onnx_weights, "the ONNX graph's weights, as ONNX Runtime loads them"))
             terms.append(Term("kv cache", kv, f"{ctx} tokens x {fmt_bytes(kv / max(ctx, 1))}/token (float32)"))

@@ -35,6 +35,61 @@ def native_unavailable(pkg: Package) -> str | None:
     return unavailable(pkg)
 
 
+def graph_input_names(path: Path) -> set[str]:
+    """The names of the graph's inputs (ModelProto.graph = 7, GraphProto.input = 11, ValueInfoProto.name
+    = 1), read from the protobuf's wire format: importing onnx for this alone held 17 MB for the whole
+    run. Anything that is not a well-formed ModelProto is one EdgeInferError."""
+    data = memoryview(path.read_bytes())
+
+    def fields(lo: int, hi: int):
+        i = lo
+        while i < hi:
+            key, i = varint(i, hi)
+            field, wire = key >> 3, key & 7
+            if field == 0:
+                raise ValueError("field number 0")
+            if wire == 0:
+                _, i = varint(i, hi)
+            elif wire in (1, 5):
+                i += 8 if wire == 1 else 4
+            elif wire == 2:
+                n, i = varint(i, hi)
+                if i + n > hi:
+                    raise ValueError("a field runs past its message")
+                yield field, i, i + n
+                i += n
+            else:
+                raise ValueError(f"wire type {wire}")
+            if i > hi:
+                raise ValueError("truncated")
+
+    def varint(i: int, hi: int) -> tuple[int, int]:
+        v = shift = 0
+        while True:
+            if i >= hi or shift > 63:
+                raise ValueError("a truncated varint")
+            b = data[i]
+            v |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return v, i
+
+    try:
+        names, graphs = set(), 0
+        for f, lo, hi in fields(0, len(data)):
+            if f != 7:
+                continue
+            graphs += 1
+            for g, glo, ghi in fields(lo, hi):
+                if g == 11:
+                    names |= {bytes(data[a:b]).decode() for h, a, b in fields(glo, ghi) if h == 1}
+        if not graphs:
+            raise ValueError("no graph")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EdgeInferError(f"cannot load {path}: not an ONNX model ({e})") from None
+    return names
+
+
 def exact_graph_bytes(path: Path) -> bytes:
     """The graph with every MatMulNBits at accuracy level 1 (float activations), serialized; its external
     data stays where it is (a few hundred KB of protobuf, read without the weights)."""
@@ -50,20 +105,19 @@ def exact_graph_bytes(path: Path) -> bytes:
 
 
 class ONNXCache:
-    def __init__(self, spec, max_tokens: int, rope_inputs: dict[str, tuple[int, str]], step: int = 256):
-        import onnxruntime as ort
+    """The KV buffers, one float32 block per kind shared by the native step, the sparse engine and the
+    graph; the graph's OrtValues and rope tables are made only when a session binds them (``ort_views``),
+    so that a plain chat on the native step never imports onnxruntime."""
 
-        self._ort = ort
+    def __init__(self, spec, max_tokens: int, rope_inputs, step: int = 256):
         self.spec = spec
-        self.rope_inputs = rope_inputs  # graph input -> (layer whose rope it is, "cos"|"sin")
-        self.rope: dict = {}
+        self._rope_inputs = rope_inputs  # graph input -> (layer whose rope it is, "cos"|"sin"), or a callable giving it
         self.step = step
         self.max_tokens = max_tokens
         self.offset = 0
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
-        self.ort_keys: list = []
-        self.ort_values: list = []
+        self._views = None
 
     @property
     def capacity(self) -> int:
@@ -87,14 +141,23 @@ class ONNXCache:
         for old, new in zip(self.keys + self.values, new_k + new_v):
             new[:, :, : self.offset] = old[:, :, : self.offset]
         self.keys, self.values = new_k, new_v
-        ov = self._ort.OrtValue.ortvalue_from_numpy
-        self.ort_keys = [ov(a) for a in new_k]
-        self.ort_values = [ov(a) for a in new_v]
-        tables = {layer: rope_tables(s, layer, cap) for layer in {layer for layer, _ in self.rope_inputs.values()}}
-        # the arrays are kept beside their OrtValues, which only borrow numpy's memory
-        self.rope_arrays = {name: tables[layer][0 if kind == "cos" else 1] for name, (layer, kind) in self.rope_inputs.items()}
-        self.rope = {name: ov(a) for name, a in self.rope_arrays.items()}
+        self._views = None
         return True
+
+    def ort_views(self):
+        """(keys, values, rope) as OrtValues over these buffers, for binding; made again after ``reserve``
+        replaces the buffers."""
+        if self._views is None:
+            import onnxruntime as ort
+
+            ov = ort.OrtValue.ortvalue_from_numpy
+            rope_inputs = self._rope_inputs() if callable(self._rope_inputs) else self._rope_inputs
+            tables = {layer: rope_tables(self.spec, layer, self.capacity) for layer in {layer for layer, _ in rope_inputs.values()}}
+            # the arrays are kept beside their OrtValues, which only borrow numpy's memory
+            self._rope_arrays = {name: tables[layer][0 if kind == "cos" else 1] for name, (layer, kind) in rope_inputs.items()}
+            self._views = ([ov(a) for a in self.keys], [ov(a) for a in self.values],
+                           {name: ov(a) for name, a in self._rope_arrays.items()})
+        return self._views
 
     def trim_to(self, n: int) -> None:
         self.offset = max(0, min(n, self.offset))
@@ -122,30 +185,26 @@ class ONNXModel:
 
     def __init__(self, pkg: Package, threads: int | None = None, providers: list[str] | None = None,
                  graph: Path | None = None, moe_top_k: int | None = None, sparsity_plan=None, decode: str = "native"):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise EdgeInferError("the ONNX backend needs onnxruntime; install it with: pip install onnxruntime") from None
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise EdgeInferError("the ONNX backend needs onnxruntime; install it with: pip install onnxruntime")
         self.spec = pkg.spec
         path = Path(graph) if graph else pkg.path / ONNX_FILE
         if not path.exists():
             raise EdgeInferError(f"{pkg.path} has no ONNX graph ({ONNX_FILE}); add one with: "
                                  f"edgeinfer convert {pkg.path} --backend onnx")
-        available = ort.get_available_providers()
         providers = providers or ["CPUExecutionProvider"]
-        missing = [p for p in providers if p not in available]
-        if missing:
-            raise EdgeInferError(f"execution provider {', '.join(missing)} is not installed; this onnxruntime has: {', '.join(available)}")
+        if providers != ["CPUExecutionProvider"]:  # the CPU provider is always there: no import for it
+            import onnxruntime as ort
+
+            available = ort.get_available_providers()
+            missing = [p for p in providers if p not in available]
+            if missing:
+                raise EdgeInferError(f"execution provider {', '.join(missing)} is not installed; this onnxruntime has: {', '.join(available)}")
         if threads is not None and threads < 1:
             raise EdgeInferError(f"--threads must be at least 1, not {threads}")
         self.threads = threads
-        self._ort = ort
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # The native step (edgeinfer.native) runs one-token steps, prompts and draft chains; the graph
         # (then with float activations, so that every answer stays the exact model's: int8 activations in
         # prefill had flipped first tokens, "L'Étoile" for "Paris") verifies token trees.
@@ -159,19 +218,12 @@ class ONNXModel:
         # prompts and draft chains too, unless EDGEINFER_NATIVE_PREFILL=off sends them to the exact graph
         self.native_chunks = self.native is not None and os.environ.get("EDGEINFER_NATIVE_PREFILL", "").lower() != "off"
         self.exact = self.native is not None or pkg.manifest.get("onnx", {}).get("accuracy_level", 4) != 4
-        self._graph, self._so, self._wanted_providers = path, so, providers
+        self._graph, self._wanted_providers = path, providers
         self._session = None
         self._bound_cache = None
-        self._ov = ort.OrtValue.ortvalue_from_numpy
-        # The graph's inputs, from its protobuf alone: with prompts on the native step the session (ORT's
-        # copy of the weights, its arena) is opened only when a token tree is verified.
-        try:
-            import onnx
-
-            names = {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
-        except Exception as e:  # onnx raises DecodeError and others for a damaged file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EdgeInferError(f"cannot load {path}: {first}") from None
+        # The graph's inputs, from its protobuf alone (neither onnxruntime nor onnx is imported: 34 + 17 MB
+        # resident here): with prompts on the native step the session is opened only for a token tree.
+        names = graph_input_names(path)
         need = {"input_ids", "seqlens_k", "total_sequence_length", "logits_start"}
         if not need <= names:
             raise EdgeInferError(f"{path} is not an edgeinfer graph (inputs {sorted(names)})")
@@ -194,12 +246,20 @@ class ONNXModel:
     def _open_session(self):
         """The ORT session over the graph (exact when the native step exists), opened once."""
         if self._session is None:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            self._ov = ort.OrtValue.ortvalue_from_numpy
             try:
                 model = exact_graph_bytes(self._graph) if self.native is not None else str(self._graph)
                 if not isinstance(model, str):
-                    self._so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                      str(self._graph.parent))
-                self._session = self._ort.InferenceSession(model, sess_options=self._so, providers=self._wanted_providers)
+                    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self._graph.parent))
+                self._session = ort.InferenceSession(model, sess_options=so, providers=self._wanted_providers)
             except Exception as e:  # ORT raises its own exception types with multi-line text
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise EdgeInferError(f"cannot load {self._graph}: {first}") from None
@@ -287,11 +347,12 @@ class ONNXModel:
             self._tree_bound = False
         b = self._binding
         if cache.reserve(L) or self._bound_cache is not cache:
+            keys, values, rope = cache.ort_views()
             for i in range(self.spec.num_layers):
-                for kind, vals in (("key", cache.ort_keys), ("value", cache.ort_values)):
+                for kind, vals in (("key", keys), ("value", values)):
                     b.bind_ortvalue_input(f"past_{kind}_{i}", vals[i])
                     b.bind_ortvalue_output(f"present_{kind}_{i}", vals[i])
-            for name, value in cache.rope.items():
+            for name, value in rope.items():
                 b.bind_ortvalue_input(name, value)
             self._bound_cache = cache
         total = cache.offset + L

@@ -139,19 +139,33 @@ def tile_bits(bits: int) -> int:
     return bits if bits in (4, 5) else 8
 
 
-def pack_stream(lib, packed: np.ndarray, bits: int, tbits: int, scales: np.ndarray, biases: np.ndarray) -> np.ndarray:
+PACK_ROWS_BYTES = 4 << 20  # source bytes packed between two page drops (the load's transient, per linear)
+
+
+def pack_stream(lib, packed: np.ndarray, bits: int, tbits: int, scales: np.ndarray, biases: np.ndarray,
+                s32: bool | None = None, drop: bool = False) -> np.ndarray:
     """decode.c's stream of one linear (the layout above its tile_value), from the package's packed words:
-    per block of 8 rows (padded with zero rows) and group of inputs, the 8 scales, the 8 biases (as stored:
-    float16 or float32), then the group's tiles of values at ``tbits``; [m / 8, groups, bytes]. One pass of
-    C: numpy's unpacking and transposes took most of the 23 s a 0.5B model loaded in (tests/test_native.py
-    keeps them as the reference)."""
-    packed, scales, biases = (np.ascontiguousarray(a) for a in (packed, scales, biases))
+    per block of 8 rows (padded with zero rows) and group of inputs, the 8 scales, the 8 biases (float16,
+    or float32 with ``s32``: by default unless both are float16), then the group's tiles of values at ``tbits``; [m / 8, groups, bytes]. One
+    pass of C: numpy's unpacking and transposes took most of the 23 s a 0.5B model loaded in
+    (tests/test_native.py keeps them as the reference). Packed a few MiB of rows at a time; with ``drop``
+    the file pages of each part are dropped once it is copied, so that a 136 MB head does not sit in memory
+    twice while it loads."""
     m, n = packed.shape[0], packed.shape[1] * 32 // bits
     groups = scales.shape[1]
-    es = scales.dtype.itemsize
+    if s32 is None:
+        s32 = not (scales.dtype == np.float16 and biases.dtype == np.float16)
+    sdt = np.float32 if s32 else np.float16
+    es = np.dtype(sdt).itemsize
     out = np.empty(((m + 7) // 8, groups, 16 * es + (n // groups // 32) * {4: 128, 5: 160, 8: 256}[tbits]), np.uint8)
-    lib.ei_pack_stream(packed.ctypes.data, m, n, bits, tbits, scales.ctypes.data, biases.ctypes.data, int(es == 4),
-                       n // groups, out.ctypes.data)
+    step = max(8, PACK_ROWS_BYTES // max(packed[:1].nbytes + 2 * scales[:1].nbytes, 1) // 8 * 8)
+    for r0 in range(0, m, step):
+        parts = [packed[r0:r0 + step], scales[r0:r0 + step], biases[r0:r0 + step]]
+        q, sc, bi = np.ascontiguousarray(parts[0]), np.ascontiguousarray(parts[1], sdt), np.ascontiguousarray(parts[2], sdt)
+        lib.ei_pack_stream(q.ctypes.data, q.shape[0], n, bits, tbits, sc.ctypes.data, bi.ctypes.data, int(s32),
+                           n // groups, out[r0 // 8:].ctypes.data)
+        if drop:
+            drop_pages_of(parts)
     return out
 
 
@@ -227,11 +241,9 @@ class NativeDecoder:
             raise EdgeInferError(f"the native decode step cannot read {name} ({m}x{n}, groups of {group})")
         sc, bi = np.asarray(w[f"{name}.scales"]), np.asarray(w[f"{name}.biases"])
         s32 = not (sc.dtype == np.float16 and bi.dtype == np.float16)
-        if s32:
-            sc, bi = sc.astype(np.float32), bi.astype(np.float32)
-        bias = np.asarray(w[f"{name}.bias"], np.float32) if f"{name}.bias" in w else None
+        bias = np.array(w[f"{name}.bias"], np.float32) if f"{name}.bias" in w else None
         tb = tile_bits(bits)  # 2/3/6 bits are widened to 8, exactly (as the ONNX graph does)
-        arrs = [pack_stream(self.lib, q, bits, tb, sc, bi)] + ([np.ascontiguousarray(bias)] if bias is not None else [])
+        arrs = [pack_stream(self.lib, q, bits, tb, sc, bi, s32=s32, drop=True)] + ([bias] if bias is not None else [])
         self._keep.extend(arrs)
         lin = _Linear()
         lin.q = arrs[0].ctypes.data
