@@ -11,6 +11,7 @@ each 32-input chunk of x to int16 (~1e-4 relative, measured 3e-5..1e-4 on SmolLM
 from __future__ import annotations
 
 import ctypes
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -97,14 +98,15 @@ def _tiles(v: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([out, hi.reshape(mb, c, 32)], axis=2))
 
 
-def _stream(values: np.ndarray, bits: int, scales: np.ndarray, biases: np.ndarray) -> np.ndarray:
+def _stream(values: np.ndarray, bits: int, scales: np.ndarray, biases: np.ndarray | None) -> np.ndarray:
     """decode.c's stream of one linear: per block of 8 rows and group of inputs, the 8 scales, the 8 biases
-    (as stored: float16 or float32), then the group's tiles; [m / 8, groups, bytes]: numpy's version of
-    edgeinfer.native.pack_stream, written from decode.c's comment on the layout."""
+    (as stored: float16 or float32; none for a symmetric linear), then the group's tiles; [m / 8, groups,
+    bytes]: numpy's version of edgeinfer.native.pack_stream, written from decode.c's comment on the layout."""
     t = _tiles(_pad8(values), bits)
     mb, groups = t.shape[0], scales.shape[1]
     per8 = lambda a: np.ascontiguousarray(_pad8(a).reshape(mb, 8, groups).transpose(0, 2, 1)).view(np.uint8)
-    return np.ascontiguousarray(np.concatenate([per8(scales), per8(biases), t.reshape(mb, groups, -1)], axis=2))
+    heads = [per8(scales)] + ([per8(biases)] if biases is not None else [])
+    return np.ascontiguousarray(np.concatenate(heads + [t.reshape(mb, groups, -1)], axis=2))
 
 
 
@@ -122,6 +124,13 @@ def test_pack_stream_matches_the_numpy_layout(bits, group, m, n, s32):
     got = native.pack_stream(native.load_library(), _pack(q, bits), bits, tb, sc, bi)
     want = _stream(q, tb, sc, bi)
     assert got.shape == want.shape and np.array_equal(got, want)
+    assert native.symmetric_zero(bits, sc, bi) == 0
+    # symmetric: every bias -2^(bits-1) x its scale, none stored
+    z = 1 << (bits - 1)
+    bi = (sc * -z).astype(dt)
+    assert native.symmetric_zero(bits, sc, bi) == z
+    got = native.pack_stream(native.load_library(), _pack(q, bits), bits, tb, sc, bi, zero=z)
+    assert np.array_equal(got, _stream(q, tb, sc, None))
 
 
 @needs_build
@@ -224,6 +233,47 @@ def test_forward_over_many_tokens_is_the_steps_bit_for_bit(onnx_package, arch, a
     graph = edgeinfer.load(path, backend="onnx", threads=1, decode="graph")
     exact = graph.backend.forward(ids, graph.backend.new_cache(64))[0]
     np.testing.assert_allclose(one, exact, atol=2e-4 if act == "f32" else 5e-3, rtol=0)
+
+
+@needs_build
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("act", ["f32", "i16"])
+def test_symmetric_linears_give_the_stored_biases_results_bit_for_bit(onnx_package, variant, act, monkeypatch, tmp_path):
+    """A GGUF's Q5_0 and Q8_0 import with biases of -2^(bits-1) x scale: their streams keep no biases (half
+    a bit a weight) and fold -2^(bits-1), a power of two, into each group's sum of x. Steps and many-token
+    forwards over such linears equal, bit for bit, those of the same streams with the biases stored."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    monkeypatch.setenv("EDGEINFER_NATIVE", variant)
+    monkeypatch.setenv("EDGEINFER_NATIVE_ACT", act)
+    src = onnx_package("llama", 4, 32)
+    path = tmp_path / "sym"
+    shutil.copytree(src, path)
+    t = load_file(str(path / "model.safetensors"))
+    for k in [k for k in t if k.endswith(".biases")]:
+        t[k] = (t[k[: -len("biases")] + "scales"] * -8).astype(t[k].dtype)  # 4 bits: zero 8
+    save_file(t, str(path / "model.safetensors"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = {"bytes": (path / "model.safetensors").stat().st_size}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    pkg = open_package(path)
+    sym = native.NativeDecoder(pkg, threads=2)
+    assert all(lin.zero == 8 for lin in sym._lins)
+    assert native.resident_bytes(pkg) == sum(a.nbytes for a in sym._keep)
+    monkeypatch.setattr(native, "symmetric_zero", lambda bits, sc, bi: 0)
+    stored = native.NativeDecoder(pkg, threads=2)
+    assert all(lin.zero == 0 for lin in stored._lins) and native.resident_bytes(pkg) > sum(a.nbytes for a in sym._keep)
+    s = pkg.spec
+    outs = []
+    for d in (sym, stored):
+        k = np.zeros((s.num_layers, 1, s.num_kv_heads, 64, s.head_dim), np.float32)
+        v = np.zeros_like(k)
+        steps = np.stack([d.step(t, i, k, v) for i, t in enumerate(PROMPT[:9])])
+        outs.append((steps, d.forward(PROMPT[9:30], 9, k, v), k.copy()))
+    for a, b in zip(*outs):
+        assert np.array_equal(a, b)
 
 
 @needs_build

@@ -28,7 +28,7 @@ from ..errors import EdgeInferError
 from ..package import Package
 from ..safetensors_map import drop_pages_of, drop_resident_pages, map_safetensors
 
-ABI = 8
+ABI = 9
 ACTS = {"f32": 0, "i16": 1}
 MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row stack buffers
 
@@ -36,7 +36,7 @@ MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row st
 class _Linear(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("row_bytes", ctypes.c_int64), ("n_in", ctypes.c_int32),
                 ("m_out", ctypes.c_int32), ("bits", ctypes.c_int32), ("group", ctypes.c_int32),
-                ("s32", ctypes.c_int32), ("pad", ctypes.c_int32)]
+                ("s32", ctypes.c_int32), ("zero", ctypes.c_int32)]
 
 
 class _Model(ctypes.Structure):
@@ -102,7 +102,7 @@ def load_library():
                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
     lib.ei_linear_apply.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.ei_pack_stream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+                                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     _LIB[v] = lib
     return lib
 
@@ -142,11 +142,23 @@ def tile_bits(bits: int) -> int:
 PACK_ROWS_BYTES = 4 << 20  # source bytes packed between two page drops (the load's transient, per linear)
 
 
+def symmetric_zero(bits: int, scales: np.ndarray, biases: np.ndarray) -> int:
+    """2^(bits-1) when every bias is -2^(bits-1) times its scale (a GGUF's Q5_0 and Q8_0 import so), else 0:
+    such a linear's stream stores no biases, half a bit a weight less at groups of 32."""
+    z = 1 << (bits - 1)
+    step = max(1, (1 << 20) // max(scales[:1].nbytes, 1))
+    for r0 in range(0, scales.shape[0], step):  # a MiB of rows at a time: no copy of a head's scales
+        sc, bi = (np.asarray(a[r0:r0 + step], np.float32) for a in (scales, biases))
+        if not np.array_equal(bi, sc * np.float32(-z)):  # exact in float32: z is a power of two
+            return 0
+    return z
+
+
 def pack_stream(lib, packed: np.ndarray, bits: int, tbits: int, scales: np.ndarray, biases: np.ndarray,
-                s32: bool | None = None, drop: bool = False) -> np.ndarray:
+                s32: bool | None = None, drop: bool = False, zero: int = 0) -> np.ndarray:
     """decode.c's stream of one linear (the layout above its tile_value), from the package's packed words:
     per block of 8 rows (padded with zero rows) and group of inputs, the 8 scales, the 8 biases (float16,
-    or float32 with ``s32``: by default unless both are float16), then the group's tiles of values at ``tbits``; [m / 8, groups, bytes]. One
+    or float32 with ``s32``: by default unless both are float16; none with ``zero``, see symmetric_zero), then the group's tiles of values at ``tbits``; [m / 8, groups, bytes]. One
     pass of C: numpy's unpacking and transposes took most of the 23 s a 0.5B model loaded in
     (tests/test_native.py keeps them as the reference). Packed a few MiB of rows at a time; with ``drop``
     the file pages of each part are dropped once it is copied, so that a 136 MB head does not sit in memory
@@ -157,25 +169,27 @@ def pack_stream(lib, packed: np.ndarray, bits: int, tbits: int, scales: np.ndarr
         s32 = not (scales.dtype == np.float16 and biases.dtype == np.float16)
     sdt = np.float32 if s32 else np.float16
     es = np.dtype(sdt).itemsize
-    out = np.empty(((m + 7) // 8, groups, 16 * es + (n // groups // 32) * {4: 128, 5: 160, 8: 256}[tbits]), np.uint8)
+    out = np.empty(((m + 7) // 8, groups, (8 if zero else 16) * es + (n // groups // 32) * {4: 128, 5: 160, 8: 256}[tbits]), np.uint8)
     step = max(8, PACK_ROWS_BYTES // max(packed[:1].nbytes + 2 * scales[:1].nbytes, 1) // 8 * 8)
     for r0 in range(0, m, step):
         parts = [packed[r0:r0 + step], scales[r0:r0 + step], biases[r0:r0 + step]]
         q, sc, bi = np.ascontiguousarray(parts[0]), np.ascontiguousarray(parts[1], sdt), np.ascontiguousarray(parts[2], sdt)
         lib.ei_pack_stream(q.ctypes.data, q.shape[0], n, bits, tbits, sc.ctypes.data, bi.ctypes.data, int(s32),
-                           n // groups, out[r0 // 8:].ctypes.data)
+                           int(bool(zero)), n // groups, out[r0 // 8:].ctypes.data)
         if drop:
             drop_pages_of(parts)
     return out
 
 
 def resident_bytes(pkg: Package) -> int:
-    """Bytes of the step's own copy of the linears (``NativeDecoder``), from the safetensors header alone:
-    values at 4, 5 or 8 bits (others widened to 8), scales and biases as stored (bfloat16 as float32), rows
-    padded to a multiple of 8, the additive biases in float32."""
+    """Bytes of the step's own copy of the linears (``NativeDecoder``), from the safetensors header and the
+    scales and biases (read to tell symmetric linears, whose biases are not kept): values at 4, 5 or 8 bits
+    (others widened to 8), scales and biases as stored (bfloat16 as float32), rows padded to a multiple of
+    8, the additive biases in float32."""
     from ..memory import safetensors_index
 
     index = safetensors_index(pkg.weights_path)
+    arrays = map_safetensors(pkg.weights_path)
     total = 0
     for name in module_names(pkg):
         bits, _ = _quant(pkg, name)
@@ -185,7 +199,9 @@ def resident_bytes(pkg: Package) -> int:
         n = int(w["shape"][1]) * 32 // bits
         total += mp * n * tile_bits(bits) // 8
         per = 2 if sc["dtype"] == "F16" and index[f"{name}.biases"]["dtype"] == "F16" else 4
-        total += 2 * mp * int(sc["shape"][1]) * per
+        scb = [arrays[f"{name}.scales"], arrays[f"{name}.biases"]]
+        total += (1 if symmetric_zero(bits, *scb) else 2) * mp * int(sc["shape"][1]) * per
+        drop_pages_of(scb)
         total += 4 * m if f"{name}.bias" in index else 0
     return total
 
@@ -243,12 +259,13 @@ class NativeDecoder:
         s32 = not (sc.dtype == np.float16 and bi.dtype == np.float16)
         bias = np.array(w[f"{name}.bias"], np.float32) if f"{name}.bias" in w else None
         tb = tile_bits(bits)  # 2/3/6 bits are widened to 8, exactly (as the ONNX graph does)
-        arrs = [pack_stream(self.lib, q, bits, tb, sc, bi, s32=s32, drop=True)] + ([bias] if bias is not None else [])
+        zero = symmetric_zero(bits, sc, bi)
+        arrs = [pack_stream(self.lib, q, bits, tb, sc, bi, s32=s32, drop=True, zero=zero)] + ([bias] if bias is not None else [])
         self._keep.extend(arrs)
         lin = _Linear()
         lin.q = arrs[0].ctypes.data
         lin.bias = arrs[1].ctypes.data if bias is not None else None
-        lin.row_bytes, lin.n_in, lin.m_out, lin.bits, lin.group, lin.s32 = n * tb // 8, n, m, tb, group, int(s32)
+        lin.row_bytes, lin.n_in, lin.m_out, lin.bits, lin.group, lin.s32, lin.zero = n * tb // 8, n, m, tb, group, int(s32), zero
         return lin
 
     def step(self, token: int, pos: int, kcache: np.ndarray, vcache: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@
 #define EI_AVX2 0
 #endif
 
-#define EI_ABI 8
+#define EI_ABI 9
 #define MAX_THREADS 64
 
 enum { ACT_F32 = 0, ACT_I16 = 1 };
@@ -39,7 +39,8 @@ typedef struct {
     const uint8_t *q;      /* one stream per block of 8 rows (see the tiles below), m_out padded to a multiple of 8 */
     const float *bias;     /* [m_out] or NULL: the layer's additive bias (Qwen2's q/k/v) */
     int64_t row_bytes;
-    int32_t n_in, m_out, bits, group, s32, pad;
+    int32_t n_in, m_out, bits, group, s32;
+    int32_t zero;          /* 0, or symmetric groups: no biases stored, bias = -zero * scale (zero = 2^(bits-1)) */
 } ei_linear;
 
 typedef struct {
@@ -309,8 +310,9 @@ static void prepare(act_t *a, const float *x, int n, int act) {
 
 /* ------------------------------------------------------------------------------- tiles of 8 rows */
 /* The weights are repacked at load (edgeinfer/native/__init__.py, _stream) into one stream per block of
- * 8 output rows: for each group of inputs, the 8 rows' scales, their 8 biases (float16 or float32), then
- * the group's tiles of 8 rows by 32 inputs. A tile is stored as 16-bit words, so that lane pair
+ * 8 output rows: for each group of inputs, the 8 rows' scales, their 8 biases (float16 or float32; none
+ * for a symmetric linear, whose bias is -2^(bits-1) * scale: a GGUF's Q5_0 and Q8_0), then the group's
+ * tiles of 8 rows by 32 inputs. A tile is stored as 16-bit words, so that lane pair
  * (2r, 2r+1) of a word vector belongs to row r:
  *
  *   4 bits (128 bytes): 4 vectors of 16 words; vector l, word 2r+j holds in nibble k the value of row r,
@@ -330,8 +332,12 @@ static void prepare(act_t *a, const float *x, int n, int act) {
 
 static inline int tile_bytes(int bits) { return bits == 4 ? 128 : bits == 5 ? 160 : 256; }
 
-/* Bytes of one group in a block's stream: scales, biases, tiles. */
-static inline size_t group_bytes(const ei_linear *L) { return (size_t)2 * RB * (L->s32 ? 4 : 2) + (size_t)(L->group / 32) * tile_bytes(L->bits); }
+/* Bytes of a group's scales and biases, and of the whole group in a block's stream. */
+static inline size_t head_bytes(const ei_linear *L) { return (size_t)(L->zero ? 1 : 2) * RB * (L->s32 ? 4 : 2); }
+static inline size_t group_bytes(const ei_linear *L) { return head_bytes(L) + (size_t)(L->group / 32) * tile_bytes(L->bits); }
+
+/* A group's 8 biases times its sum of x is ``bi * gx``: symmetric groups take the scales for bi and fold
+ * -zero into gx, a power of two, so the products are the stored biases' bit for bit. */
 
 /* The value of row r, input i (0..31) of a tile: for the portable path and the float reference. */
 static inline int tile_value(const uint8_t *t, int bits, int r, int i) {
@@ -360,15 +366,16 @@ static inline void unpack32(const uint8_t *row, int bits, int64_t c0, uint8_t *v
 
 /* The stream of one linear (the layout above), from the package's packed values [m, n*bits/32 words]
  * and its scales and biases [m, n/group] (float16, or float32 with s32): per block of 8 rows (rows past m
- * are zeros) and group, the 8 scales, the 8 biases, then the group's tiles at tbits (4, 5 or 8 >= bits). */
+ * are zeros) and group, the 8 scales, the 8 biases (unless sym), then the group's tiles at tbits (4, 5 or
+ * 8 >= bits). */
 void ei_pack_stream(const uint8_t *packed, int m, int n, int bits, int tbits, const uint8_t *scales,
-                    const uint8_t *biases, int s32, int group, uint8_t *out) {
+                    const uint8_t *biases, int s32, int sym, int group, uint8_t *out) {
     int G = n / group, cpg = group / 32, es = s32 ? 4 : 2, tb = tile_bytes(tbits), mb = (m + RB - 1) / RB;
     size_t row_bytes = (size_t)n * bits / 8;
     uint8_t *o = out;
     for (int b = 0; b < mb; b++) {
         for (int g = 0; g < G; g++) {
-            for (int half = 0; half < 2; half++) {
+            for (int half = 0; half < (sym ? 1 : 2); half++) {
                 const uint8_t *src = half ? biases : scales;
                 for (int r = 0; r < RB; r++, o += es) {
                     int row = b * RB + r;
@@ -469,16 +476,17 @@ static inline __m256 load8f(const uint8_t *p, int s32) {
 #define BLOCK8_AVX2(NAME, DOT)                                                                                \
     static void NAME(const ei_linear *L, const act_t *a, const float *gs, int b, float *out) {                \
         int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;       \
-        size_t gb = group_bytes(L);                                                                            \
+        size_t gb = group_bytes(L), hb = head_bytes(L);                                                        \
         const uint8_t *p = L->q + (size_t)b * G * gb;                                                          \
         const int16_t *x = a->xi;                                                                              \
         const float *st = a->xsc;                                                                              \
+        const float z = L->zero ? (float)-L->zero : 1.f;                                                       \
         __m256 acc = _mm256_setzero_ps(), off = acc;                                                           \
         for (int g = 0; g < G; g++, p += gb) {                                                                 \
             for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);     \
             __m256 sc = load8f(p, L->s32);                                                                     \
-            off = _mm256_fmadd_ps(load8f(p + RB * es, L->s32), _mm256_set1_ps(gs[g]), off);                    \
-            const uint8_t *t = p + 2 * RB * es;                                                                \
+            off = _mm256_fmadd_ps(L->zero ? sc : load8f(p + RB * es, L->s32), _mm256_set1_ps(z * gs[g]), off); \
+            const uint8_t *t = p + hb;                                                                         \
             for (int k = 0; k < cpg; k++, t += tb, x += 32, st++)                                              \
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(t, x)), _mm256_mul_ps(sc, _mm256_set1_ps(*st)), acc); \
         }                                                                                                      \
@@ -499,16 +507,17 @@ static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, f
 #endif
     /* Portable, and the float reference: plain loops over the 8 rows. */
     int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
-    size_t gb = group_bytes(L);
+    size_t gb = group_bytes(L), hb = head_bytes(L);
     const uint8_t *p = L->q + (size_t)b * G * gb;
+    const float z = L->zero ? (float)-L->zero : 1.f;
     float acc[RB] = {0}, off[RB] = {0}, sc[RB], bi[RB];
     for (int g = 0; g < G; g++, p += gb) {
         to_float(p, L->s32, sc, RB);
-        to_float(p + RB * es, L->s32, bi, RB);
-        for (int r = 0; r < RB; r++) off[r] += bi[r] * gs[g];
+        to_float(L->zero ? p : p + RB * es, L->s32, bi, RB);
+        for (int r = 0; r < RB; r++) off[r] += bi[r] * (z * gs[g]);
         for (int k = 0; k < cpg; k++) {
             int c = g * cpg + k;
-            const uint8_t *t = p + 2 * RB * es + (size_t)k * tb;
+            const uint8_t *t = p + hb + (size_t)k * tb;
             for (int r = 0; r < RB; r++) {
                 float d;
                 if (a->act == ACT_I16) {
@@ -571,15 +580,16 @@ static inline void unpack_tile(const uint8_t *t, int bits, __m256i *W) {
 #define DOT2_AVX2(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
 static void block8_tokens_avx2(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
     int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
-    size_t gb = group_bytes(L);
+    size_t gb = group_bytes(L), hb = head_bytes(L);
     const uint8_t *p = L->q + (size_t)b * G * gb;
+    const float z = L->zero ? (float)-L->zero : 1.f;
     __m256 acc[TMAX], off[TMAX];
     __m256i W[16];
     for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++, p += gb) {
         for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);
-        __m256 sc = load8f(p, L->s32), bi = load8f(p + RB * es, L->s32);
-        const uint8_t *tt = p + 2 * RB * es;
+        __m256 sc = load8f(p, L->s32), bi = L->zero ? sc : load8f(p + RB * es, L->s32);
+        const uint8_t *tt = p + hb;
         for (int k = 0; k < cpg; k++, tt += tb) {
             int c = g * cpg + k;
             unpack_tile(tt, L->bits, W);
@@ -592,7 +602,7 @@ static void block8_tokens_avx2(const ei_linear *L, const act_t *a, const float *
                 }
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),
                                          _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);
-                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);
+                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(z * gs[(size_t)t * G + g]), off[t]);
             }
         }
     }
@@ -604,15 +614,16 @@ static void block8_tokens_avx2(const ei_linear *L, const act_t *a, const float *
 #define VNNI_ATTR __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
 VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
     int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
-    size_t gb = group_bytes(L);
+    size_t gb = group_bytes(L), hb = head_bytes(L);
     const uint8_t *p = L->q + (size_t)b * G * gb;
+    const float z = L->zero ? (float)-L->zero : 1.f;
     __m256 acc[TMAX], off[TMAX];
     __m256i W[16];
     for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++, p += gb) {
         for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);
-        __m256 sc = load8f(p, L->s32), bi = load8f(p + RB * es, L->s32);
-        const uint8_t *tt = p + 2 * RB * es;
+        __m256 sc = load8f(p, L->s32), bi = L->zero ? sc : load8f(p + RB * es, L->s32);
+        const uint8_t *tt = p + hb;
         for (int k = 0; k < cpg; k++, tt += tb) {
             int c = g * cpg + k, t = 0;
             unpack_tile(tt, L->bits, W);
@@ -635,7 +646,7 @@ VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, con
                 for (int i = 0; i < 4; i++) {
                     acc[t + i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[i], d[i + 4])),
                                                  _mm256_mul_ps(sc, _mm256_set1_ps(a[t + i].xsc[c])), acc[t + i]);
-                    if (k == 0) off[t + i] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)(t + i) * G + g]), off[t + i]);
+                    if (k == 0) off[t + i] = _mm256_fmadd_ps(bi, _mm256_set1_ps(z * gs[(size_t)(t + i) * G + g]), off[t + i]);
                 }
             }
             for (; t < T; t++) {
@@ -647,7 +658,7 @@ VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, con
                 }
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),
                                          _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);
-                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);
+                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(z * gs[(size_t)t * G + g]), off[t]);
             }
         }
     }
