@@ -417,52 +417,56 @@ static inline __m256i bcast_pair(const int16_t *x, int p) {
     return _mm256_castps_si256(_mm256_broadcast_ss((const float *)(x + 2 * p)));
 }
 
-/* int32 lane r = row r's dot product over the tile's 32 inputs. */
-static inline __m256i tile_dot_4(const uint8_t *t, const int16_t *x) {
-    const __m256i m4 = _mm256_set1_epi16(15);
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
-    for (int l = 0; l < 4; l++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_and_si256(w, m4), bcast_pair(x, 4 * l)));
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m4), bcast_pair(x, 4 * l + 1)));
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 8), m4), bcast_pair(x, 4 * l + 2)));
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_srli_epi16(w, 12), bcast_pair(x, 4 * l + 3)));
-    }
-    return _mm256_add_epi32(acc0, acc1);
-}
-
 /* The fifth bit of nibble k of vector l sits at bit 4l + k of h: moved to bit 4 of each word. */
 #define HI5(h, b) ((b) < 4 ? _mm256_slli_epi16(h, 4 - (b)) : (b) == 4 ? (h) : _mm256_srli_epi16(h, (b) - 4))
 #define NIB5(w, h, k, b, m4, m16) \
     _mm256_or_si256((k) == 3 ? _mm256_srli_epi16(w, 12) : _mm256_and_si256((k) ? _mm256_srli_epi16(w, 4 * (k)) : (w), m4), \
                     _mm256_and_si256(HI5(h, b), m16))
 
-static inline __m256i tile_dot_5(const uint8_t *t, const int16_t *x) {
-    const __m256i m4 = _mm256_set1_epi16(15), m16 = _mm256_set1_epi16(16);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)(t + 128));
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
-#define L5(l) do { \
+/* acc + the int16 pair products of w and x: vpmaddwd + vpaddd, or one vpdpwssd with AVX512-VNNI (the
+ * same int32 sums: the weights are small and non-negative, nothing saturates). */
+#define MADD_AVX2(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
+#define MADD_VNNI(acc, w, x) _mm256_dpwssd_epi32((acc), (w), (x))
+#define L5(ACC, l) do { \
         __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * (l))); \
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(NIB5(w, h, 0, 4 * (l), m4, m16), bcast_pair(x, 4 * (l)))); \
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(NIB5(w, h, 1, 4 * (l) + 1, m4, m16), bcast_pair(x, 4 * (l) + 1))); \
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(NIB5(w, h, 2, 4 * (l) + 2, m4, m16), bcast_pair(x, 4 * (l) + 2))); \
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(NIB5(w, h, 3, 4 * (l) + 3, m4, m16), bcast_pair(x, 4 * (l) + 3))); \
+        acc0 = ACC(acc0, NIB5(w, h, 0, 4 * (l), m4, m16), bcast_pair(x, 4 * (l))); \
+        acc1 = ACC(acc1, NIB5(w, h, 1, 4 * (l) + 1, m4, m16), bcast_pair(x, 4 * (l) + 1)); \
+        acc0 = ACC(acc0, NIB5(w, h, 2, 4 * (l) + 2, m4, m16), bcast_pair(x, 4 * (l) + 2)); \
+        acc1 = ACC(acc1, NIB5(w, h, 3, 4 * (l) + 3, m4, m16), bcast_pair(x, 4 * (l) + 3)); \
     } while (0)
-    L5(0); L5(1); L5(2); L5(3);
-#undef L5
-    return _mm256_add_epi32(acc0, acc1);
-}
 
-static inline __m256i tile_dot_8(const uint8_t *t, const int16_t *x) {
-    const __m256i m8 = _mm256_set1_epi16(255);
-    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;
-    for (int l = 0; l < 8; l++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));
-        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_and_si256(w, m8), bcast_pair(x, 2 * l)));
-        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_srli_epi16(w, 8), bcast_pair(x, 2 * l + 1)));
+/* int32 lane r = row r's dot product over the tile's 32 inputs, for tiles of 4, 5 and 8 bits. */
+#define TILE_DOTS(SUF, ATTR, ACC)                                                                             \
+    ATTR static inline __m256i tile_dot_4##SUF(const uint8_t *t, const int16_t *x) {                          \
+        const __m256i m4 = _mm256_set1_epi16(15);                                                             \
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;                                                   \
+        for (int l = 0; l < 4; l++) {                                                                         \
+            __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));                                    \
+            acc0 = ACC(acc0, _mm256_and_si256(w, m4), bcast_pair(x, 4 * l));                                  \
+            acc1 = ACC(acc1, _mm256_and_si256(_mm256_srli_epi16(w, 4), m4), bcast_pair(x, 4 * l + 1));        \
+            acc0 = ACC(acc0, _mm256_and_si256(_mm256_srli_epi16(w, 8), m4), bcast_pair(x, 4 * l + 2));        \
+            acc1 = ACC(acc1, _mm256_srli_epi16(w, 12), bcast_pair(x, 4 * l + 3));                             \
+        }                                                                                                     \
+        return _mm256_add_epi32(acc0, acc1);                                                                  \
+    }                                                                                                         \
+    ATTR static inline __m256i tile_dot_5##SUF(const uint8_t *t, const int16_t *x) {                          \
+        const __m256i m4 = _mm256_set1_epi16(15), m16 = _mm256_set1_epi16(16);                                \
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(t + 128));                                     \
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;                                                   \
+        L5(ACC, 0); L5(ACC, 1); L5(ACC, 2); L5(ACC, 3);                                                       \
+        return _mm256_add_epi32(acc0, acc1);                                                                  \
+    }                                                                                                         \
+    ATTR static inline __m256i tile_dot_8##SUF(const uint8_t *t, const int16_t *x) {                          \
+        const __m256i m8 = _mm256_set1_epi16(255);                                                            \
+        __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0;                                                   \
+        for (int l = 0; l < 8; l++) {                                                                         \
+            __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));                                    \
+            acc0 = ACC(acc0, _mm256_and_si256(w, m8), bcast_pair(x, 2 * l));                                  \
+            acc1 = ACC(acc1, _mm256_srli_epi16(w, 8), bcast_pair(x, 2 * l + 1));                              \
+        }                                                                                                     \
+        return _mm256_add_epi32(acc0, acc1);                                                                  \
     }
-    return _mm256_add_epi32(acc0, acc1);
-}
+TILE_DOTS(, , MADD_AVX2)
 
 static inline __m256 load8f(const uint8_t *p, int s32) {
     return s32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
@@ -473,8 +477,8 @@ static inline __m256 load8f(const uint8_t *p, int s32) {
 #define PREFETCH 2048
 
 /* The 8 outputs of block b (without the layer's additive bias) into out[8], one function per width. */
-#define BLOCK8_AVX2(NAME, DOT)                                                                                \
-    static void NAME(const ei_linear *L, const act_t *a, const float *gs, int b, float *out) {                \
+#define BLOCK8(NAME, ATTR, DOT)                                                                               \
+    ATTR static void NAME(const ei_linear *L, const act_t *a, const float *gs, int b, float *out) {           \
         int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;       \
         size_t gb = group_bytes(L), hb = head_bytes(L);                                                        \
         const uint8_t *p = L->q + (size_t)b * G * gb;                                                          \
@@ -492,15 +496,38 @@ static inline __m256 load8f(const uint8_t *p, int s32) {
         }                                                                                                      \
         _mm256_storeu_ps(out, _mm256_add_ps(acc, off));                                                        \
     }
-BLOCK8_AVX2(block8_4, tile_dot_4)
-BLOCK8_AVX2(block8_5, tile_dot_5)
-BLOCK8_AVX2(block8_8, tile_dot_8)
+BLOCK8(block8_4, , tile_dot_4)
+BLOCK8(block8_5, , tile_dot_5)
+BLOCK8(block8_8, , tile_dot_8)
+#if defined(__GNUC__)
+/* AVX512-VNNI on 256-bit vectors (picked at run time, has_vnni below): one uop a 16-weight product
+ * instead of two, which is what one core's decode is short of (Zen 4: 19 GB/s of 24-28). */
+#define VNNI_ATTR __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
+TILE_DOTS(_vnni, VNNI_ATTR, MADD_VNNI)
+BLOCK8(block8_4_vnni, VNNI_ATTR, tile_dot_4_vnni)
+BLOCK8(block8_5_vnni, VNNI_ATTR, tile_dot_5_vnni)
+BLOCK8(block8_8_vnni, VNNI_ATTR, tile_dot_8_vnni)
+#define EI_VNNI 1
+
+static int has_vnni(void) {
+    static atomic_int v = -1;
+    if (atomic_load(&v) < 0)
+        atomic_store(&v, __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && !getenv("EDGEINFER_NO_VNNI"));
+    return atomic_load(&v);
+}
+#endif
 #endif
 
 /* The 8 outputs of block b (without the layer's additive bias) into out[8]. */
 static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, float *out) {
 #if EI_AVX2
     if (a->act == ACT_I16) {
+#if defined(EI_VNNI)
+        if (has_vnni()) {
+            (L->bits == 4 ? block8_4_vnni : L->bits == 5 ? block8_5_vnni : block8_8_vnni)(L, a, gs, b, out);
+            return;
+        }
+#endif
         (L->bits == 4 ? block8_4 : L->bits == 5 ? block8_5 : block8_8)(L, a, gs, b, out);
         return;
     }
@@ -608,10 +635,9 @@ static void block8_tokens_avx2(const ei_linear *L, const act_t *a, const float *
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));
 }
-#if defined(__GNUC__)
+#if defined(EI_VNNI)
 /* With AVX512VL's 32 registers the 16 unpacked weight vectors stay in registers while four tokens take
  * them in turn, two accumulators each (eight independent vpdpwssd chains). */
-#define VNNI_ATTR __attribute__((target("avx512f,avx512vl,avx512bw,avx512vnni")))
 VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
     int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
     size_t gb = group_bytes(L), hb = head_bytes(L);
@@ -664,17 +690,7 @@ VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, con
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));
 }
-#define EI_VNNI 1
 #endif
-#endif
-
-#if defined(EI_VNNI)
-static int has_vnni(void) {
-    static atomic_int v = -1;
-    if (atomic_load(&v) < 0)
-        atomic_store(&v, __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && !getenv("EDGEINFER_NO_VNNI"));
-    return atomic_load(&v);
-}
 #endif
 
 static void block8_tokens(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
