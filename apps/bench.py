@@ -242,10 +242,12 @@ def run_bench(c: BenchConfig, progress=None) -> dict:
     bw = None
     if c.bandwidth:  # in a child process, after the runs: its buffer never counts in their peak memory
         bw = sysinfo.measure_read_bandwidth_subprocess(c.threads or os.cpu_count() or 1)
+    nat = sysinfo.native_decode_bytes_per_token(pkg) if "onnx" in c.backends and not c.sparsity else None
     for r in results:
         tg = next(t for t in r["tests"] if t["kind"] == "tg")
         if bw:
-            r["roofline_share"] = bpt["bytes"] * tg["tps_mean"] / bw["bytes_per_s"]
+            read = nat["bytes"] if nat and r.get("backend") == "onnx" else bpt["bytes"]
+            r["roofline_share"] = read * tg["tps_mean"] / bw["bytes_per_s"]
     q = pkg.quantization
     return {
         "model": {"name": pkg.name, "path": str(pkg.path), "arch": pkg.spec.arch,

@@ -505,11 +505,15 @@ def write_section(doc: Path, section: str) -> None:
 
 def bytes_per_token(pkg, gguf: Path | None) -> tuple[dict, str]:
     """Weight bytes read per decoded token: edgeinfer's from the package, llama.cpp's from the GGUF's tensors."""
-    from edgeinfer.sysinfo import decode_bytes_per_token
+    from edgeinfer.sysinfo import decode_bytes_per_token, native_decode_bytes_per_token
 
     ours = decode_bytes_per_token(pkg)
     out = {"edgeinfer-onnx": ours["bytes"], "edgeinfer-int8": ours["bytes"], "edgeinfer-mlx": ours["bytes"]}
     note = f"edgeinfer {ours['bytes'] / 2**20:.1f} MiB ({ours['basis']})"
+    nat = native_decode_bytes_per_token(pkg)
+    if nat:
+        out["edgeinfer-onnx"] = nat["bytes"]
+        note = f"edgeinfer-onnx {nat['bytes'] / 2**20:.1f} MiB ({nat['basis']}); the others of edgeinfer " + note[len("edgeinfer "):]
     if gguf and gguf.exists():
         try:
             from gguf import GGUFReader

@@ -12,7 +12,9 @@ names (docs/PACKAGE.md) and layouts:
 - Q4_K and Q5_K (super-blocks of 256 in 8 sub-blocks of 32 with 6-bit scales and mins) are lossless
   too: scale = d * sc_j and bias = -dmin * m_j, computed in fp32 exactly as ggml does and stored fp32.
 - Q6_K has sub-blocks of 16, which MLX's group sizes (32/64/128) cannot express: it is dequantized and
-  re-quantized to 8 bits in groups of 32 (fp32 scales); ``notes`` records the measured error.
+  re-quantized to 8 bits in groups of 32, symmetric with fp16 scales (8.5 bits a weight where asymmetric
+  fp32 scales and biases took 10, for about the same error: the native step stores no biases for it);
+  ``notes`` records the measured error.
 - F32/F16/BF16: 1-D tensors (norms, biases) become float32, 2-D matrices float16.
 
 GGUF's "llama" architecture stores the Q and K rows permuted for interleaved (GPT-J style) rope; the
@@ -33,7 +35,7 @@ import numpy as np
 from edgeinfer.errors import EdgeInferError
 from edgeinfer.spec import ArchSpec
 
-from .quantize import QuantizedTensor, pack_bits, quantize
+from .quantize import QuantizedTensor, pack_bits, quantize, quantize_symmetric
 
 # GGUF general.architecture -> our arch name. Mistral GGUFs say "llama".
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
@@ -470,14 +472,14 @@ class GGUFSource:
         from gguf.quants import dequantize
 
         w = dequantize(raw, t.tensor_type)
-        q = quantize(w, bits=8, group_size=32, scale_dtype=np.float32)
+        q = quantize_symmetric(w, bits=8, group_size=32)
         err = q.dequantize() - w
         max_abs = float(np.abs(err).max())
         rms = float(np.sqrt(np.mean(np.square(err, dtype=np.float64))))
         ref = float(np.sqrt(np.mean(np.square(w, dtype=np.float64))))
         self._note(
             t.name,
-            f"{t.name}: {t.tensor_type.name} re-quantized to 8 bits in groups of 32 (fp32 scales); "
+            f"{t.name}: {t.tensor_type.name} re-quantized to 8 bits in groups of 32 (symmetric, {q.scales.dtype.name} scales); "
             f"max abs error {max_abs:.3g}, relative RMS error {rms / ref if ref else 0.0:.3g}",
         )
         return q

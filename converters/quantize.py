@@ -115,6 +115,31 @@ def quantize(w: np.ndarray, bits: int, group_size: int, scale_dtype=np.float16) 
     )
 
 
+def quantize_symmetric(w: np.ndarray, bits: int, group_size: int) -> QuantizedTensor:
+    """Round-to-nearest symmetric quantization: w = scale * (q - 2**(bits-1)), scale = max|w| / (2**(bits-1) - 1)
+    per group in float16 (rounded up where rounding down would clip the group's largest value), so the
+    stored bias is -2**(bits-1) * scale, exactly, and a decoder needs no biases (the native step keeps
+    none: half a bit a weight at groups of 32)."""
+    w = _checked(w, bits, group_size)
+    out, n = w.shape
+    g = w.reshape(out, n // group_size, group_size)
+    zero, top = 1 << (bits - 1), (1 << (bits - 1)) - 1
+    amax = np.abs(g).max(-1).astype(np.float32)
+    scale = (amax / top).astype(np.float16)
+    low = scale.astype(np.float32) * top < amax
+    scale[low] = np.nextafter(scale[low], np.float16(np.inf))
+    scale[scale == 0] = np.finfo(np.float16).smallest_subnormal  # an all-zero group
+    s32 = scale.astype(np.float32)
+    q = np.clip(np.rint(g / s32[..., None]) + zero, 0, 2 * zero - 1).astype(np.uint8)
+    return QuantizedTensor(
+        weight=pack_bits(q.reshape(out, n), bits),
+        scales=scale,
+        biases=(s32 * -zero).astype(np.float16),
+        bits=bits,
+        group_size=group_size,
+    )
+
+
 def quantize_search(w: np.ndarray, bits: int, group_size: int, scale_dtype=np.float16, steps: int = 20) -> QuantizedTensor:
     """Affine group quantization that searches each group's scale and bias for the smallest weighted squared
     error, as llama.cpp's make_qkx2_quants does for its K-quants: ``steps + 1`` candidate grids stretched

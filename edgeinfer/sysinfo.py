@@ -204,6 +204,22 @@ def safetensors_sizes(path: str | Path) -> dict[str, tuple[list[int], int]]:
     return {name: (t["shape"], t["end"] - t["start"]) for name, t in safetensors_index(path).items()}
 
 
+def native_decode_bytes_per_token(pkg) -> dict | None:
+    """What one decode step of the native step (edgeinfer.native, the ONNX backend's default) reads: its
+    own copy of every linear, the head included (rows padded to 8, no biases for symmetric linears, so
+    not the package's bytes), and one embedding row; None where that step cannot run the package."""
+    from .backends.onnx_backend import native_unavailable
+
+    if native_unavailable(pkg) is not None:
+        return None
+    from .native import resident_bytes
+
+    stored = decode_bytes_per_token(pkg)
+    row = stored["embedding_bytes"] / max(1, int(pkg.spec.vocab_size))
+    lin = resident_bytes(pkg)
+    return {"bytes": int(lin + row), "basis": "the native step's copy of the linears, the head included, and one embedding row; KV cache not counted"}
+
+
 def decode_bytes_per_token(pkg, experts_per_token: int | None = None) -> dict:
     """The weight bytes one decode step reads, from the package as stored (its manifest and the tensor
     header of its weights file): every tensor of the layers, the final norm, the output head, and one

@@ -106,13 +106,41 @@ def _stream(values: np.ndarray, bits: int, scales: np.ndarray, biases: np.ndarra
     mb, groups = t.shape[0], scales.shape[1]
     per8 = lambda a: np.ascontiguousarray(_pad8(a).reshape(mb, 8, groups).transpose(0, 2, 1)).view(np.uint8)
     heads = [per8(scales)] + ([per8(biases)] if biases is not None else [])
-    return np.ascontiguousarray(np.concatenate(heads + [t.reshape(mb, groups, -1)], axis=2))
+    return np.ascontiguousarray(np.concatenate(heads + [t.reshape(mb, groups, -1)], axis=2)).reshape(mb, -1)
+
+
+def _kquant_stream(values: np.ndarray, bits: int, kq: list[np.ndarray]) -> np.ndarray:
+    """The same with K-quant heads: before every 8 groups the 8 rows' d and -dmin (float16), and per group
+    the 8 rows' sc and m (a byte each) instead of scales and biases."""
+    d, nm, sc, mn = kq
+    t = _tiles(_pad8(values), bits)
+    mb, groups = t.shape[0], sc.shape[1]
+    per8 = lambda a, k: np.ascontiguousarray(_pad8(a).reshape(mb, 8, k).transpose(0, 2, 1)).view(np.uint8)
+    group = np.concatenate([per8(sc, groups), per8(mn, groups), t.reshape(mb, groups, -1)], axis=2)  # [mb, G, bytes]
+    sup = np.concatenate([per8(d, groups // 8), per8(nm, groups // 8)], axis=2)  # [mb, G/8, 32]
+    return np.concatenate([part for j in range(groups // 8)
+                           for part in (sup[:, j], group[:, 8 * j: 8 * j + 8].reshape(mb, -1))], axis=1)
+
+
+def _kquant_like(rng, m: int, groups: int):
+    """float32 scales and biases as a GGUF's Q4_K imports: d * sc and -dmin * m, sc and m 6-bit, the
+    largest sc and m of every 8 groups 63 (llama.cpp's choice)."""
+    d = (rng.random((m, groups // 8)) * 0.01).astype(np.float16)
+    dm = (rng.random((m, groups // 8)) * 0.01).astype(np.float16)
+    sc = rng.integers(0, 64, (m, groups)).astype(np.float32)
+    sc.reshape(m, -1, 8)[:, :, 3] = 63
+    mn = rng.integers(0, 64, (m, groups)).astype(np.float32)
+    mn.reshape(m, -1, 8)[:, :, 5] = 63
+    scales = (np.repeat(d.astype(np.float32), 8, axis=1) * sc).astype(np.float32)
+    biases = -(np.repeat(dm.astype(np.float32), 8, axis=1) * mn).astype(np.float32)
+    return scales, biases
 
 
 
 @needs_build
 @pytest.mark.parametrize("bits,group,m,n,s32", [(4, 32, 37, 96, False), (5, 32, 16, 64, False), (8, 64, 13, 128, True),
-                                                (2, 32, 9, 64, False), (3, 32, 8, 96, True), (6, 64, 21, 128, False)])
+                                                (2, 32, 9, 64, False), (3, 32, 8, 96, True), (6, 64, 21, 128, False),
+                                                (4, 32, 21, 512, True), (5, 32, 8, 256, True)])
 def test_pack_stream_matches_the_numpy_layout(bits, group, m, n, s32):
     """ei_pack_stream's bytes equal the layout written out in numpy, for every source width (2/3/6 widened
     to 8), both scale dtypes, and rows that do not fill a block."""
@@ -131,6 +159,15 @@ def test_pack_stream_matches_the_numpy_layout(bits, group, m, n, s32):
     assert native.symmetric_zero(bits, sc, bi) == z
     got = native.pack_stream(native.load_library(), _pack(q, bits), bits, tb, sc, bi, zero=z)
     assert np.array_equal(got, _stream(q, tb, sc, None))
+    if group == 32 and n // group % 8 == 0:
+        # K-quant heads: scales d * sc and biases -dmin * m (float32), factored back
+        sc, bi = _kquant_like(rng, m, n // group)
+        assert native.symmetric_zero(bits, sc, bi) == 0
+        kq = native.kquant_factors(sc, bi, group)
+        assert kq is not None and kq[2].max() <= 63 and kq[3].max() <= 63
+        got = native.pack_stream(native.load_library(), _pack(q, bits), bits, tb, sc, bi, kq=kq)
+        assert np.array_equal(got, _kquant_stream(q, tb, kq))
+        assert native.kquant_factors(sc * np.float32(1.0001), bi, group) is None  # not d * sc exactly
 
 
 @needs_build
@@ -238,36 +275,46 @@ def test_forward_over_many_tokens_is_the_steps_bit_for_bit(onnx_package, arch, a
 @needs_build
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("act", ["f32", "i16"])
-def test_symmetric_linears_give_the_stored_biases_results_bit_for_bit(onnx_package, variant, act, monkeypatch, tmp_path):
-    """A GGUF's Q5_0 and Q8_0 import with biases of -2^(bits-1) x scale: their streams keep no biases (half
-    a bit a weight) and fold -2^(bits-1), a power of two, into each group's sum of x. Steps and many-token
-    forwards over such linears equal, bit for bit, those of the same streams with the biases stored."""
+def test_compact_heads_give_the_stored_results_bit_for_bit(onnx_package, variant, act, monkeypatch, tmp_path):
+    """Two imports of a GGUF keep less than a scale and a bias per group in the stream: Q5_0 and Q8_0 are
+    symmetric (bias -2^(bits-1) x scale: no biases kept, the power of two applied in the kernel), and Q4_K
+    and Q5_K store d * sc and -dmin * m (float32), factored back to float16 d and dmin per 8 groups and a
+    byte per sc and m. Steps and many-token forwards over such linears equal, bit for bit, those of the
+    same linears with every scale and bias stored."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
 
     monkeypatch.setenv("EDGEINFER_NATIVE", variant)
     monkeypatch.setenv("EDGEINFER_NATIVE_ACT", act)
-    src = onnx_package("llama", 4, 32)
-    path = tmp_path / "sym"
-    shutil.copytree(src, path)
+    path = tmp_path / "compact"
+    shutil.copytree(onnx_package("qwen2", 4, 32), path)  # hidden 128, MLP 256: down_proj has 8 groups of 32
     t = load_file(str(path / "model.safetensors"))
-    for k in [k for k in t if k.endswith(".biases")]:
-        t[k] = (t[k[: -len("biases")] + "scales"] * -8).astype(t[k].dtype)  # 4 bits: zero 8
+    rng = np.random.default_rng(0)
+    kquant = []
+    for k in [k[: -len(".biases")] for k in t if k.endswith(".biases")]:
+        if t[k + ".scales"].shape[1] % 8 == 0:
+            t[k + ".scales"], t[k + ".biases"] = _kquant_like(rng, *t[k + ".scales"].shape)
+            kquant.append(k)
+        else:
+            t[k + ".biases"] = (t[k + ".scales"] * -8).astype(t[k + ".biases"].dtype)  # 4 bits: zero 8
+    assert kquant
     save_file(t, str(path / "model.safetensors"))
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"]["model.safetensors"] = {"bytes": (path / "model.safetensors").stat().st_size}
     (path / "manifest.json").write_text(json.dumps(manifest))
     pkg = open_package(path)
-    sym = native.NativeDecoder(pkg, threads=2)
-    assert all(lin.zero == 8 for lin in sym._lins)
-    assert native.resident_bytes(pkg) == sum(a.nbytes for a in sym._keep)
-    monkeypatch.setattr(native, "symmetric_zero", lambda bits, sc, bi: 0)
+    compact = native.NativeDecoder(pkg, threads=2)
+    names = native.module_names(pkg)
+    assert all((lin.kq, lin.zero) == ((1, 0) if name in kquant else (0, 8)) for name, lin in zip(names, compact._lins))
+    assert native.resident_bytes(pkg) == sum(a.nbytes for a in compact._keep)
+    monkeypatch.setattr(native, "heads", lambda bits, group, sc, bi: (0, None))
     stored = native.NativeDecoder(pkg, threads=2)
-    assert all(lin.zero == 0 for lin in stored._lins) and native.resident_bytes(pkg) > sum(a.nbytes for a in sym._keep)
+    assert not any(lin.kq or lin.zero for lin in stored._lins)
+    assert native.resident_bytes(pkg) > sum(a.nbytes for a in compact._keep)
     s = pkg.spec
     outs = []
-    for d in (sym, stored):
+    for d in (compact, stored):
         k = np.zeros((s.num_layers, 1, s.num_kv_heads, 64, s.head_dim), np.float32)
         v = np.zeros_like(k)
         steps = np.stack([d.step(t, i, k, v) for i, t in enumerate(PROMPT[:9])])

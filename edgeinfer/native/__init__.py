@@ -28,7 +28,7 @@ from ..errors import EdgeInferError
 from ..package import Package
 from ..safetensors_map import drop_pages_of, drop_resident_pages, map_safetensors
 
-ABI = 9
+ABI = 10
 ACTS = {"f32": 0, "i16": 1}
 MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row stack buffers
 
@@ -36,7 +36,8 @@ MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row st
 class _Linear(ctypes.Structure):
     _fields_ = [("q", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("row_bytes", ctypes.c_int64), ("n_in", ctypes.c_int32),
                 ("m_out", ctypes.c_int32), ("bits", ctypes.c_int32), ("group", ctypes.c_int32),
-                ("s32", ctypes.c_int32), ("zero", ctypes.c_int32)]
+                ("s32", ctypes.c_int32), ("zero", ctypes.c_int32),
+                ("kq", ctypes.c_int32), ("pad", ctypes.c_int32)]
 
 
 class _Model(ctypes.Structure):
@@ -154,12 +155,46 @@ def symmetric_zero(bits: int, scales: np.ndarray, biases: np.ndarray) -> int:
     return z
 
 
+def block_bytes(n: int, groups: int, tbits: int, es: int, zero: int, kq: bool) -> int:
+    """Bytes of one block of 8 rows in decode.c's stream (its block_bytes): per group the scales and
+    biases (es bytes each; no biases when symmetric; the 6-bit sc and m, a byte each, with K-quant heads
+    plus d and -dmin, float16, per 8 groups), then the tiles."""
+    head = 16 if kq else (8 if zero else 16) * es
+    return groups * (head + (n // groups // 32) * {4: 128, 5: 160, 8: 256}[tbits]) + (groups // 8 * 32 if kq else 0)
+
+
+def kquant_factors(scales: np.ndarray, biases: np.ndarray, group: int):
+    """(d, -dmin) float16 [m, G/8] and (sc, m) bytes [m, G] with scales = d * sc and biases = -dmin * m
+    exactly, sc and m in 0..63: a GGUF's Q4_K and Q5_K as imported (float32 products, 2 bits a weight at
+    groups of 32, against 0.625 factored); None for any other linear. llama.cpp sets each super-block's d
+    so that its largest sc is 63, which is how d is found here; every product is checked."""
+    m, G = scales.shape
+    if group != 32 or G % 8 or scales.dtype != np.float32 or biases.dtype != np.float32:
+        return None
+    out = [np.empty((m, G // 8), np.float16), np.empty((m, G // 8), np.float16), np.empty((m, G), np.uint8), np.empty((m, G), np.uint8)]
+    step = max(1, (1 << 20) // max(scales[:1].nbytes, 1))
+    for r0 in range(0, m, step):
+        for i, (x, sign) in enumerate(((scales, 1), (biases, -1))):
+            v = np.asarray(x[r0:r0 + step], np.float32).reshape(-1, G // 8, 8) * np.float32(sign)
+            if (v < 0).any():
+                return None
+            d = (v.max(-1) / 63).astype(np.float16)
+            d32 = d.astype(np.float32)[..., None]
+            q = np.rint(v / np.where(d32 > 0, d32, 1))
+            if not ((q <= 63).all() and np.array_equal(d32 * q, v)):
+                return None
+            out[i][r0:r0 + step] = d if sign > 0 else -d
+            out[2 + i][r0:r0 + step] = q.reshape(-1, G).astype(np.uint8)
+    return out
+
+
 def pack_stream(lib, packed: np.ndarray, bits: int, tbits: int, scales: np.ndarray, biases: np.ndarray,
-                s32: bool | None = None, drop: bool = False, zero: int = 0) -> np.ndarray:
-    """decode.c's stream of one linear (the layout above its tile_value), from the package's packed words:
-    per block of 8 rows (padded with zero rows) and group of inputs, the 8 scales, the 8 biases (float16,
-    or float32 with ``s32``: by default unless both are float16; none with ``zero``, see symmetric_zero), then the group's tiles of values at ``tbits``; [m / 8, groups, bytes]. One
-    pass of C: numpy's unpacking and transposes took most of the 23 s a 0.5B model loaded in
+                s32: bool | None = None, drop: bool = False, zero: int = 0, kq=None) -> np.ndarray:
+    """decode.c's stream of one linear (the layout above its tile_value), from the package's packed words,
+    [m / 8, block_bytes]: per block of 8 rows (padded with zero rows) and group of inputs, the 8 scales, the
+    8 biases (float16, or float32 with ``s32``: by default unless both are float16; none with ``zero``, see
+    symmetric_zero; kquant_factors' ``kq`` in their place, see decode.c), then the group's tiles of values
+    at ``tbits``. One pass of C: numpy's unpacking and transposes took most of the 23 s a 0.5B model loaded in
     (tests/test_native.py keeps them as the reference). Packed a few MiB of rows at a time; with ``drop``
     the file pages of each part are dropped once it is copied, so that a 136 MB head does not sit in memory
     twice while it loads."""
@@ -169,38 +204,49 @@ def pack_stream(lib, packed: np.ndarray, bits: int, tbits: int, scales: np.ndarr
         s32 = not (scales.dtype == np.float16 and biases.dtype == np.float16)
     sdt = np.float32 if s32 else np.float16
     es = np.dtype(sdt).itemsize
-    out = np.empty(((m + 7) // 8, groups, (8 if zero else 16) * es + (n // groups // 32) * {4: 128, 5: 160, 8: 256}[tbits]), np.uint8)
+    out = np.empty(((m + 7) // 8, block_bytes(n, groups, tbits, es, zero, kq is not None)), np.uint8)
     step = max(8, PACK_ROWS_BYTES // max(packed[:1].nbytes + 2 * scales[:1].nbytes, 1) // 8 * 8)
     for r0 in range(0, m, step):
         parts = [packed[r0:r0 + step], scales[r0:r0 + step], biases[r0:r0 + step]]
         q, sc, bi = np.ascontiguousarray(parts[0]), np.ascontiguousarray(parts[1], sdt), np.ascontiguousarray(parts[2], sdt)
-        lib.ei_pack_stream(q.ctypes.data, q.shape[0], n, bits, tbits, sc.ctypes.data, bi.ctypes.data, int(s32),
-                           int(bool(zero)), n // groups, out[r0 // 8:].ctypes.data)
+        if kq is None:
+            ptrs = sc.ctypes.data, bi.ctypes.data
+        else:  # the four factor arrays of these rows, behind one pointer array
+            rows = [np.ascontiguousarray(f[r0:r0 + step]) for f in kq]
+            arr = (ctypes.c_void_p * 4)(*[f.ctypes.data for f in rows])
+            ptrs = None, ctypes.addressof(arr)
+        lib.ei_pack_stream(q.ctypes.data, q.shape[0], n, bits, tbits, *ptrs, int(s32), int(bool(zero)), n // groups,
+                           out[r0 // 8:].ctypes.data)
         if drop:
             drop_pages_of(parts)
     return out
 
 
+def heads(bits: int, group: int, scales: np.ndarray, biases: np.ndarray):
+    """(zero, kq) of a linear's stream: symmetric (no biases), K-quant factored heads, or neither."""
+    zero = symmetric_zero(bits, scales, biases)
+    return zero, (None if zero else kquant_factors(scales, biases, group))
+
+
 def resident_bytes(pkg: Package) -> int:
     """Bytes of the step's own copy of the linears (``NativeDecoder``), from the safetensors header and the
-    scales and biases (read to tell symmetric linears, whose biases are not kept): values at 4, 5 or 8 bits
-    (others widened to 8), scales and biases as stored (bfloat16 as float32), rows padded to a multiple of
-    8, the additive biases in float32."""
+    scales and biases (read to tell symmetric and K-quant linears, whose heads are smaller): values at 4, 5
+    or 8 bits (others widened to 8), scales and biases as stored (bfloat16 as float32), rows padded to a
+    multiple of 8, the additive biases in float32."""
     from ..memory import safetensors_index
 
     index = safetensors_index(pkg.weights_path)
     arrays = map_safetensors(pkg.weights_path)
     total = 0
     for name in module_names(pkg):
-        bits, _ = _quant(pkg, name)
+        bits, group = _quant(pkg, name)
         w, sc = index[f"{name}.weight"], index[f"{name}.scales"]
         m = int(w["shape"][0])
-        mp = m + (-m % 8)
         n = int(w["shape"][1]) * 32 // bits
-        total += mp * n * tile_bits(bits) // 8
         per = 2 if sc["dtype"] == "F16" and index[f"{name}.biases"]["dtype"] == "F16" else 4
         scb = [arrays[f"{name}.scales"], arrays[f"{name}.biases"]]
-        total += (1 if symmetric_zero(bits, *scb) else 2) * mp * int(sc["shape"][1]) * per
+        zero, kq = heads(bits, group, *scb)
+        total += (m + 7) // 8 * block_bytes(n, int(sc["shape"][1]), tile_bits(bits), per, zero, kq is not None)
         drop_pages_of(scb)
         total += 4 * m if f"{name}.bias" in index else 0
     return total
@@ -259,13 +305,14 @@ class NativeDecoder:
         s32 = not (sc.dtype == np.float16 and bi.dtype == np.float16)
         bias = np.array(w[f"{name}.bias"], np.float32) if f"{name}.bias" in w else None
         tb = tile_bits(bits)  # 2/3/6 bits are widened to 8, exactly (as the ONNX graph does)
-        zero = symmetric_zero(bits, sc, bi)
-        arrs = [pack_stream(self.lib, q, bits, tb, sc, bi, s32=s32, drop=True, zero=zero)] + ([bias] if bias is not None else [])
+        zero, kq = heads(bits, group, sc, bi)
+        arrs = [pack_stream(self.lib, q, bits, tb, sc, bi, s32=s32, drop=True, zero=zero, kq=kq)] + ([bias] if bias is not None else [])
         self._keep.extend(arrs)
         lin = _Linear()
         lin.q = arrs[0].ctypes.data
         lin.bias = arrs[1].ctypes.data if bias is not None else None
         lin.row_bytes, lin.n_in, lin.m_out, lin.bits, lin.group, lin.s32, lin.zero = n * tb // 8, n, m, tb, group, int(s32), zero
+        lin.kq = int(kq is not None)
         return lin
 
     def step(self, token: int, pos: int, kcache: np.ndarray, vcache: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@
 #define EI_AVX2 0
 #endif
 
-#define EI_ABI 9
+#define EI_ABI 10
 #define MAX_THREADS 64
 
 enum { ACT_F32 = 0, ACT_I16 = 1 };
@@ -41,6 +41,8 @@ typedef struct {
     int64_t row_bytes;
     int32_t n_in, m_out, bits, group, s32;
     int32_t zero;          /* 0, or symmetric groups: no biases stored, bias = -zero * scale (zero = 2^(bits-1)) */
+    int32_t kq;            /* K-quant heads (a GGUF's Q4_K/Q5_K): scale = d * sc, bias = -dmin * m, see below */
+    int32_t pad;
 } ei_linear;
 
 typedef struct {
@@ -312,7 +314,10 @@ static void prepare(act_t *a, const float *x, int n, int act) {
 /* The weights are repacked at load (edgeinfer/native/__init__.py, _stream) into one stream per block of
  * 8 output rows: for each group of inputs, the 8 rows' scales, their 8 biases (float16 or float32; none
  * for a symmetric linear, whose bias is -2^(bits-1) * scale: a GGUF's Q5_0 and Q8_0), then the group's
- * tiles of 8 rows by 32 inputs. A tile is stored as 16-bit words, so that lane pair
+ * tiles of 8 rows by 32 inputs. K-quant heads (kq, groups of 32 in super-blocks of 8 groups): before
+ * each super-block the 8 rows' d and -dmin (float16), and each group's head is the 8 rows' 6-bit sc and
+ * m (a byte each): scale = d * sc and bias = -dmin * m, the float32 products the package stores, exactly
+ * (0.625 bits a weight where the float32 pairs take 2). A tile is stored as 16-bit words, so that lane pair
  * (2r, 2r+1) of a word vector belongs to row r:
  *
  *   4 bits (128 bytes): 4 vectors of 16 words; vector l, word 2r+j holds in nibble k the value of row r,
@@ -332,12 +337,32 @@ static void prepare(act_t *a, const float *x, int n, int act) {
 
 static inline int tile_bytes(int bits) { return bits == 4 ? 128 : bits == 5 ? 160 : 256; }
 
-/* Bytes of a group's scales and biases, and of the whole group in a block's stream. */
-static inline size_t head_bytes(const ei_linear *L) { return (size_t)(L->zero ? 1 : 2) * RB * (L->s32 ? 4 : 2); }
+/* Bytes of a group's scales and biases, of the whole group, and of a block of 8 rows in the stream. */
+static inline size_t head_bytes(const ei_linear *L) { return L->kq ? 2 * RB : (size_t)(L->zero ? 1 : 2) * RB * (L->s32 ? 4 : 2); }
 static inline size_t group_bytes(const ei_linear *L) { return head_bytes(L) + (size_t)(L->group / 32) * tile_bytes(L->bits); }
+static inline size_t block_bytes(const ei_linear *L) {
+    int G = L->n_in / L->group;
+    return (size_t)G * group_bytes(L) + (L->kq ? (size_t)(G / 8) * 4 * RB : 0);
+}
 
-/* A group's 8 biases times its sum of x is ``bi * gx``: symmetric groups take the scales for bi and fold
- * -zero into gx, a power of two, so the products are the stored biases' bit for bit. */
+/* Group g's 8 scales and 8 biases from its head at p (after the super-block's d and -dmin when kq, kept
+ * in kd[16] across its 8 groups); returns where the group's tiles start. A symmetric group's biases are
+ * -zero * scale, a power of two times it: the stored biases bit for bit. */
+static const uint8_t *head8f(const ei_linear *L, const uint8_t *p, int g, float *sc, float *bi, float *kd) {
+    if (L->kq) {
+        if (g % 8 == 0) { to_float(p, 0, kd, RB); to_float(p + 2 * RB, 0, kd + RB, RB); p += 4 * RB; }
+        for (int r = 0; r < RB; r++) { sc[r] = kd[r] * (float)p[r]; bi[r] = kd[RB + r] * (float)p[RB + r]; }
+        return p + 2 * RB;
+    }
+    int es = L->s32 ? 4 : 2;
+    to_float(p, L->s32, sc, RB);
+    if (L->zero) {
+        for (int r = 0; r < RB; r++) bi[r] = sc[r] * (float)-L->zero;
+        return p + RB * es;
+    }
+    to_float(p + RB * es, L->s32, bi, RB);
+    return p + 2 * RB * es;
+}
 
 /* The value of row r, input i (0..31) of a tile: for the portable path and the float reference. */
 static inline int tile_value(const uint8_t *t, int bits, int r, int i) {
@@ -370,13 +395,23 @@ static inline void unpack32(const uint8_t *row, int bits, int64_t c0, uint8_t *v
  * 8 >= bits). */
 void ei_pack_stream(const uint8_t *packed, int m, int n, int bits, int tbits, const uint8_t *scales,
                     const uint8_t *biases, int s32, int sym, int group, uint8_t *out) {
-    int G = n / group, cpg = group / 32, es = s32 ? 4 : 2, tb = tile_bytes(tbits), mb = (m + RB - 1) / RB;
+    int G = n / group, cpg = group / 32, tb = tile_bytes(tbits), mb = (m + RB - 1) / RB;
+    /* kq (scales NULL): biases points at four arrays, d and -dmin [m][G/8] (float16), sc and m [m][G] (bytes) */
+    const uint8_t *const *kq = scales ? NULL : (const uint8_t *const *)biases;
+    int es = kq ? 1 : s32 ? 4 : 2, heads = kq ? 2 : sym ? 1 : 2;
     size_t row_bytes = (size_t)n * bits / 8;
     uint8_t *o = out;
     for (int b = 0; b < mb; b++) {
         for (int g = 0; g < G; g++) {
-            for (int half = 0; half < (sym ? 1 : 2); half++) {
-                const uint8_t *src = half ? biases : scales;
+            if (kq && g % 8 == 0)
+                for (int half = 0; half < 2; half++)
+                    for (int r = 0; r < RB; r++, o += 2) {
+                        int row = b * RB + r;
+                        if (row < m) memcpy(o, kq[half] + ((size_t)row * (G / 8) + g / 8) * 2, 2);
+                        else memset(o, 0, 2);
+                    }
+            for (int half = 0; half < heads; half++) {
+                const uint8_t *src = kq ? kq[2 + half] : half ? biases : scales;
                 for (int r = 0; r < RB; r++, o += es) {
                     int row = b * RB + r;
                     if (row < m) memcpy(o, src + ((size_t)row * G + g) * es, es);
@@ -472,6 +507,25 @@ static inline __m256 load8f(const uint8_t *p, int s32) {
     return s32 ? _mm256_loadu_ps((const float *)p) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 
+/* head8f's vector form: sc, bi and the super-block's kd[2] in registers. */
+static inline const uint8_t *head8(const ei_linear *L, const uint8_t *p, int g, __m256 *sc, __m256 *bi, __m256 *kd) {
+    if (L->kq) {
+        if (g % 8 == 0) { kd[0] = load8f(p, 0); kd[1] = load8f(p + 2 * RB, 0); p += 4 * RB; }
+        __m128i v = _mm_loadu_si128((const __m128i *)p);  /* sc[8] then m[8] */
+        *sc = _mm256_mul_ps(kd[0], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)));
+        *bi = _mm256_mul_ps(kd[1], _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
+        return p + 2 * RB;
+    }
+    int es = L->s32 ? 4 : 2;
+    *sc = load8f(p, L->s32);
+    if (L->zero) {
+        *bi = _mm256_mul_ps(*sc, _mm256_set1_ps((float)-L->zero));
+        return p + RB * es;
+    }
+    *bi = load8f(p + RB * es, L->s32);
+    return p + 2 * RB * es;
+}
+
 /* How far ahead in the stream to ask for: the hardware prefetcher alone left one core at 60-70% of its
  * read bandwidth (benchmarks/native_kernels.py, Zen 3); 2 KiB ahead gave 10-40% more on a 151936-row head. */
 #define PREFETCH 2048
@@ -479,20 +533,19 @@ static inline __m256 load8f(const uint8_t *p, int s32) {
 /* The 8 outputs of block b (without the layer's additive bias) into out[8], one function per width. */
 #define BLOCK8(NAME, ATTR, DOT)                                                                               \
     ATTR static void NAME(const ei_linear *L, const act_t *a, const float *gs, int b, float *out) {           \
-        int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;       \
-        size_t gb = group_bytes(L), hb = head_bytes(L);                                                        \
-        const uint8_t *p = L->q + (size_t)b * G * gb;                                                          \
+        int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits);                            \
+        size_t gb = group_bytes(L);                                                                            \
+        const uint8_t *p = L->q + (size_t)b * block_bytes(L);                                                  \
         const int16_t *x = a->xi;                                                                              \
         const float *st = a->xsc;                                                                              \
-        const float z = L->zero ? (float)-L->zero : 1.f;                                                       \
-        __m256 acc = _mm256_setzero_ps(), off = acc;                                                           \
-        for (int g = 0; g < G; g++, p += gb) {                                                                 \
+        __m256 acc = _mm256_setzero_ps(), off = acc, sc, bi, kd[2];                                            \
+        for (int g = 0; g < G; g++) {                                                                          \
             for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);     \
-            __m256 sc = load8f(p, L->s32);                                                                     \
-            off = _mm256_fmadd_ps(L->zero ? sc : load8f(p + RB * es, L->s32), _mm256_set1_ps(z * gs[g]), off); \
-            const uint8_t *t = p + hb;                                                                         \
+            const uint8_t *t = head8(L, p, g, &sc, &bi, kd);                                                   \
+            off = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[g]), off);                                             \
             for (int k = 0; k < cpg; k++, t += tb, x += 32, st++)                                              \
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(t, x)), _mm256_mul_ps(sc, _mm256_set1_ps(*st)), acc); \
+            p = t;                                                                                             \
         }                                                                                                      \
         _mm256_storeu_ps(out, _mm256_add_ps(acc, off));                                                        \
     }
@@ -533,18 +586,15 @@ static void block8(const ei_linear *L, const act_t *a, const float *gs, int b, f
     }
 #endif
     /* Portable, and the float reference: plain loops over the 8 rows. */
-    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
-    size_t gb = group_bytes(L), hb = head_bytes(L);
-    const uint8_t *p = L->q + (size_t)b * G * gb;
-    const float z = L->zero ? (float)-L->zero : 1.f;
-    float acc[RB] = {0}, off[RB] = {0}, sc[RB], bi[RB];
-    for (int g = 0; g < G; g++, p += gb) {
-        to_float(p, L->s32, sc, RB);
-        to_float(L->zero ? p : p + RB * es, L->s32, bi, RB);
-        for (int r = 0; r < RB; r++) off[r] += bi[r] * (z * gs[g]);
+    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits);
+    const uint8_t *p = L->q + (size_t)b * block_bytes(L);
+    float acc[RB] = {0}, off[RB] = {0}, sc[RB], bi[RB], kd[2 * RB];
+    for (int g = 0; g < G; g++, p += (size_t)cpg * tb) {
+        p = head8f(L, p, g, sc, bi, kd);
+        for (int r = 0; r < RB; r++) off[r] += bi[r] * gs[g];
         for (int k = 0; k < cpg; k++) {
             int c = g * cpg + k;
-            const uint8_t *t = p + hb + (size_t)k * tb;
+            const uint8_t *t = p + (size_t)k * tb;
             for (int r = 0; r < RB; r++) {
                 float d;
                 if (a->act == ACT_I16) {
@@ -606,17 +656,16 @@ static inline void unpack_tile(const uint8_t *t, int bits, __m256i *W) {
 #if EI_AVX2
 #define DOT2_AVX2(acc, w, x) _mm256_add_epi32((acc), _mm256_madd_epi16((w), (x)))
 static void block8_tokens_avx2(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
-    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
-    size_t gb = group_bytes(L), hb = head_bytes(L);
-    const uint8_t *p = L->q + (size_t)b * G * gb;
-    const float z = L->zero ? (float)-L->zero : 1.f;
-    __m256 acc[TMAX], off[TMAX];
+    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits);
+    size_t gb = group_bytes(L);
+    const uint8_t *p = L->q + (size_t)b * block_bytes(L);
+    __m256 acc[TMAX], off[TMAX], sc, bi, kd[2];
     __m256i W[16];
     for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
-    for (int g = 0; g < G; g++, p += gb) {
+    for (int g = 0; g < G; g++, p += (size_t)cpg * tb) {
         for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);
-        __m256 sc = load8f(p, L->s32), bi = L->zero ? sc : load8f(p + RB * es, L->s32);
-        const uint8_t *tt = p + hb;
+        p = head8(L, p, g, &sc, &bi, kd);
+        const uint8_t *tt = p;
         for (int k = 0; k < cpg; k++, tt += tb) {
             int c = g * cpg + k;
             unpack_tile(tt, L->bits, W);
@@ -629,7 +678,7 @@ static void block8_tokens_avx2(const ei_linear *L, const act_t *a, const float *
                 }
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),
                                          _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);
-                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(z * gs[(size_t)t * G + g]), off[t]);
+                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);
             }
         }
     }
@@ -639,17 +688,16 @@ static void block8_tokens_avx2(const ei_linear *L, const act_t *a, const float *
 /* With AVX512VL's 32 registers the 16 unpacked weight vectors stay in registers while four tokens take
  * them in turn, two accumulators each (eight independent vpdpwssd chains). */
 VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
-    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits), es = L->s32 ? 4 : 2;
-    size_t gb = group_bytes(L), hb = head_bytes(L);
-    const uint8_t *p = L->q + (size_t)b * G * gb;
-    const float z = L->zero ? (float)-L->zero : 1.f;
-    __m256 acc[TMAX], off[TMAX];
+    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits);
+    size_t gb = group_bytes(L);
+    const uint8_t *p = L->q + (size_t)b * block_bytes(L);
+    __m256 acc[TMAX], off[TMAX], sc, bi, kd[2];
     __m256i W[16];
     for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
-    for (int g = 0; g < G; g++, p += gb) {
+    for (int g = 0; g < G; g++, p += (size_t)cpg * tb) {
         for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);
-        __m256 sc = load8f(p, L->s32), bi = L->zero ? sc : load8f(p + RB * es, L->s32);
-        const uint8_t *tt = p + hb;
+        p = head8(L, p, g, &sc, &bi, kd);
+        const uint8_t *tt = p;
         for (int k = 0; k < cpg; k++, tt += tb) {
             int c = g * cpg + k, t = 0;
             unpack_tile(tt, L->bits, W);
@@ -672,7 +720,7 @@ VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, con
                 for (int i = 0; i < 4; i++) {
                     acc[t + i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[i], d[i + 4])),
                                                  _mm256_mul_ps(sc, _mm256_set1_ps(a[t + i].xsc[c])), acc[t + i]);
-                    if (k == 0) off[t + i] = _mm256_fmadd_ps(bi, _mm256_set1_ps(z * gs[(size_t)(t + i) * G + g]), off[t + i]);
+                    if (k == 0) off[t + i] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)(t + i) * G + g]), off[t + i]);
                 }
             }
             for (; t < T; t++) {
@@ -684,7 +732,7 @@ VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, con
                 }
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),
                                          _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);
-                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(z * gs[(size_t)t * G + g]), off[t]);
+                if (k == 0) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);
             }
         }
     }
