@@ -167,7 +167,7 @@ def process_rss(trim: bool = False) -> int:
     heap's free memory is returned first (a tokenizer's parse leaves tens of MB free but resident, which a
     load that allocates with malloc, as the native step's does, reuses)."""
     if trim:
-        _trim_heap()
+        trim_heap()
     statm = _read("/proc/self/statm")
     if statm:
         return int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -177,7 +177,8 @@ def process_rss(trim: bool = False) -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
+    """Returns the heap's free memory to the OS (glibc's malloc_trim; nothing elsewhere)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -415,6 +416,11 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
     may shrink). Options given explicitly are kept; the others are chosen. Raises nothing when it does
     not fit: the plan's ``fits`` is False and ``refusal()`` names the smallest budget."""
     spec = package.spec
+    if backend == "onnx":  # reads the scales of every linear (native_bytes): before the baseline, see below
+        from .backends.onnx_backend import native_unavailable
+        from .native import resident_bytes
+
+        native_bytes = resident_bytes(package) if native and native_unavailable(package) is None else 0
     if baseline is None:
         # ONNX Runtime's native step allocates its copy with malloc, into the heap's free memory: counting
         # that memory overstated Qwen2.5-Coder's peak by 42 MB. MLX's terms were measured untrimmed.
@@ -457,19 +463,15 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
         onnx_weights = sum(int(v.get("bytes", 0)) for k, v in files.items() if k.startswith("model.onnx")) + file_bytes
         # With the native decode step (edgeinfer.native) the graph runs exact, and the step holds its own
         # copy of the linears in blocks of 8 rows (measured SmolLM2: +94 MiB).
-        from .backends.onnx_backend import native_unavailable
-
-        native_bytes = 0
-        if native and native_unavailable(package) is None:
+        if native_bytes:
             from .decode_tables import module_names
-            from .native import PACK_ROWS_BYTES, resident_bytes
+            from .native import PACK_TRANSIENT_BYTES
 
-            native_bytes = resident_bytes(package)
             # the copy is made a few MiB of rows at a time, each part's file pages dropped after it: at most
             # one part (and its scales widened to float32) is held beside the copy
             index = safetensors_index(package.weights_path)
-            largest_source = min(2 * PACK_ROWS_BYTES, max(sum(t["end"] - t["start"] for k, t in index.items()
-                                                              if k.rsplit(".", 1)[0] == name) for name in module_names(package)))
+            largest_source = min(PACK_TRANSIENT_BYTES, max(sum(t["end"] - t["start"] for k, t in index.items()
+                                                                if k.rsplit(".", 1)[0] == name) for name in module_names(package)))
         # With the native step, prompts run there too (unless EDGEINFER_NATIVE_PREFILL=off) and ORT's session
         # is opened only to verify a token tree (--tree), and neither onnxruntime nor onnx is imported before:
         # a plain chat holds the native copy, plus one linear's file pages at a time while that copy is made.

@@ -106,7 +106,7 @@ def test_estimate_within_10_percent_smollm2_onnx(smol):
     """SmolLM2 on ONNX Runtime (the default backend on Linux): prompts and decode run on the native step,
     so the process holds its copy of the linears (made a few MiB of file pages at a time, each part's pages
     dropped once copied), the KV cache and the step's buffers; neither onnxruntime nor onnx is imported, and
-    ORT's session is opened only for token trees (measured: estimate 184 MB, peak 175 MB; 213 MB with
+    ORT's session is opened only for token trees (measured: estimate 184 MB, peak 173 MB; 213 MB with
     onnxruntime imported and the head's file pages held whole while it was copied, 473 MB with the graph)."""
     d = measure(smol, "onnx", "--budget", "4GB", "--context", 256)
     assert d["backend"] == "onnx" and d["context"] == 256, d
@@ -116,7 +116,7 @@ def test_estimate_within_10_percent_smollm2_onnx(smol):
 
 def test_estimate_with_the_graph_opened_at_load(smol, monkeypatch):
     """EDGEINFER_NATIVE_PREFILL=off: the graph prefills, so ORT's weights and the exact graph's fp32 copy of
-    its largest matrix count too (measured: estimate 522 MB, peak 473 MB). That last term is an upper bound:
+    its largest matrix count too (measured: estimate 522 MB, peak 471 MB). That last term is an upper bound:
     MLAS dequantized Gemma 3's whole 640 MiB head per call, but only about half of SmolLM2's 8-bit one."""
     monkeypatch.setenv("EDGEINFER_NATIVE_PREFILL", "off")
     d = measure(smol, "onnx", "--budget", "4GB", "--context", 256)
