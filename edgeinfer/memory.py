@@ -470,7 +470,7 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
             # the copy is made a few MiB of rows at a time, each part's file pages dropped after it: at most
             # one part (and its scales widened to float32) is held beside the copy
             index = safetensors_index(package.weights_path)
-            largest_source = min(PACK_TRANSIENT_BYTES, max(sum(t["end"] - t["start"] for k, t in index.items()
+            load_transient = min(PACK_TRANSIENT_BYTES, max(sum(t["end"] - t["start"] for k, t in index.items()
                                                                 if k.rsplit(".", 1)[0] == name) for name in module_names(package)))
         # With the native step, prompts run there too (unless EDGEINFER_NATIVE_PREFILL=off) and ORT's session
         # is opened only to verify a token tree (--tree), and neither onnxruntime nor onnx is imported before:
@@ -494,8 +494,8 @@ def plan_memory(package, budget=None, context: int | None = None, backend: str =
                 terms.append(Term("workspace", WORKSPACE["native"][0], "the step's tables and threads, allocator slack"))
                 # The load's peak (the largest linear's file pages while it is copied) comes before the cache
                 # and buffers exist: only what it has beyond them adds to the process's peak.
-                terms.append(Term("loading", max(0, largest_source - kv - act), f"the file pages being copied "
-                                  f"({fmt_bytes(largest_source)} at most), beyond the cache and buffers made after "
+                terms.append(Term("loading", max(0, load_transient - kv - act), f"the file pages being copied "
+                                  f"({fmt_bytes(load_transient)} at most), beyond the cache and buffers made after "
                                   "(a token-tree verification opens the ONNX graph on top)"))
                 return terms
             terms.append(Term("weights", onnx_weights, "the ONNX graph's weights, as ONNX Runtime loads them"))

@@ -109,9 +109,9 @@ class ONNXCache:
     graph; the graph's OrtValues and rope tables are made only when a session binds them (``ort_views``),
     so that a plain chat on the native step never imports onnxruntime."""
 
-    def __init__(self, spec, max_tokens: int, rope_inputs, step: int = 256):
+    def __init__(self, spec, max_tokens: int, rope_inputs: dict[str, tuple[int, str]], step: int = 256):
         self.spec = spec
-        self._rope_inputs = rope_inputs  # graph input -> (layer whose rope it is, "cos"|"sin"), or a callable giving it
+        self.rope_inputs = rope_inputs  # graph input -> (layer whose rope it is, "cos"|"sin")
         self.step = step
         self.max_tokens = max_tokens
         self.offset = 0
@@ -151,10 +151,9 @@ class ONNXCache:
             import onnxruntime as ort
 
             ov = ort.OrtValue.ortvalue_from_numpy
-            rope_inputs = self._rope_inputs() if callable(self._rope_inputs) else self._rope_inputs
-            tables = {layer: rope_tables(self.spec, layer, self.capacity) for layer in {layer for layer, _ in rope_inputs.values()}}
+            tables = {layer: rope_tables(self.spec, layer, self.capacity) for layer in {layer for layer, _ in self.rope_inputs.values()}}
             # the arrays are kept beside their OrtValues, which only borrow numpy's memory
-            self._rope_arrays = {name: tables[layer][0 if kind == "cos" else 1] for name, (layer, kind) in rope_inputs.items()}
+            self._rope_arrays = {name: tables[layer][0 if kind == "cos" else 1] for name, (layer, kind) in self.rope_inputs.items()}
             self._views = ([ov(a) for a in self.keys], [ov(a) for a in self.values],
                            {name: ov(a) for name, a in self._rope_arrays.items()})
         return self._views
