@@ -564,6 +564,20 @@ def check_int8_activations(pkg: Package, graph_path: Path, tokens: int = 128) ->
     return {"kl": round(kl, 5), "top1": round(top1, 4), "tokens": len(ids), "max_kl": MAX_CHECK_KL}
 
 
+def _check_prompts(pkg: Package, progress: bool) -> dict | None:
+    """The native step's int8-prompt check (edgeinfer.native.check_prompt_act), where it runs here."""
+    from edgeinfer.backends.onnx_backend import native_unavailable
+    from edgeinfer.native import check_prompt_act
+
+    if native_unavailable(pkg) is not None:
+        return None
+    r = check_prompt_act(pkg, progress=progress)
+    if r and not r["passed"]:
+        print(f"edgeinfer: 8-bit prompt activations changed {r['prompts'] - r['equal']} of {r['prompts']} greedy answers "
+              f"on this model: its prompts run at the decode step's precision", file=sys.stderr)
+    return r
+
+
 def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int | None = None, fuse: bool = True, progress: bool = True) -> Path:
     """Adds (or replaces) ``model.onnx`` + ``model.onnx.data`` in a package and records them in its
     manifest. Files are written under temporary names and renamed into place; the manifest is replaced
@@ -571,7 +585,8 @@ def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int | None = None, fuse:
 
     ``accuracy_level=None`` (auto) writes the fast graph (int8 activations) when its logits stay within
     ``MAX_CHECK_KL`` of the exact graph's on a short text, else the exact graph, and records the check in
-    the manifest (it caught uncentred widened weights on Gemma 3: KL 0.55, now 0.002)."""
+    the manifest (it caught uncentred widened weights on Gemma 3: KL 0.55, now 0.002). The native step's
+    int8-prompt check is recorded there too (onnx.prompt_check)."""
     import json
 
     from tqdm import tqdm
@@ -602,6 +617,7 @@ def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int | None = None, fuse:
                 print(f"edgeinfer: int8 activations lose too much on this model (mean KL {check['kl']:.3f} > "
                       f"{MAX_CHECK_KL} on a test text): wrote the exact ONNX graph, which is slow; --backend auto runs "
                       f"it on MLX", file=sys.stderr)
+        prompt_check = _check_prompts(pkg, progress)
         model = onnx.load(str(tmp_graph), load_external_data=False)
         _set_accuracy(model, level)
         _set_data_location(model, ONNX_DATA)
@@ -615,6 +631,8 @@ def add_onnx_graph(pkg_dir: str | Path, accuracy_level: int | None = None, fuse:
                             "fused_projections": fuse, "onnx_version": onnx.__version__}
         if check:
             manifest["onnx"]["int8_check"] = check
+        if prompt_check:
+            manifest["onnx"]["prompt_check"] = prompt_check
         tmp_manifest = pkg.path / (MANIFEST + tag)
         with open(tmp_manifest, "w") as f:
             json.dump(manifest, f, indent=1)

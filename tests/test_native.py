@@ -5,13 +5,17 @@ default path against the exact model on 18 of the 52 chat prompts; the fallback 
 missing; and the build from a clean clone.
 
 Tolerances: ``f32`` multiplies in float32 (relative error ~1e-6 of a row's largest output); ``i16`` rounds
-each 32-input chunk of x to int16 (~1e-4 relative, measured 3e-5..1e-4 on SmolLM2's layers).
+each 32-input chunk of x to int16 (~1e-4 relative, measured 3e-5..1e-4 on SmolLM2's layers). Prompts'
+``i8`` (AVX512-VNNI only) is checked against the float64 product with the inputs rounded as it rounds them
+(within 8e-7), and on real models by greedy answers: SmolLM2 fails the converter's check and keeps exact
+prompts, Qwen2.5-Coder 0.5B passes it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +47,9 @@ def _built() -> bool:
 
 
 needs_build = pytest.mark.skipif(not _built(), reason="the native kernels are not built here (no C compiler?)")
+needs_vnni = pytest.mark.skipif(not _built() or "avx512_vnni" not in native._cpu_flags() or native.variant() != "avx2"
+                                or bool(os.environ.get("EDGEINFER_NO_VNNI")),
+                                reason="the int8 prompt kernel needs AVX512-VNNI")
 
 
 def _dequantized(w, name, bits):
@@ -193,6 +200,48 @@ def test_linear_matches_numpy_on_random_shapes(monkeypatch, smollm2_package, var
     assert np.abs(y - ref).max() <= TOL[act] * 8 * np.abs(ref).max()
 
 
+def _i8_rounded(x: np.ndarray) -> np.ndarray:
+    """x [T, n] as ACT_I8 sees it: each 32-input chunk rounded to int8 steps of its max / 127 (float32
+    arithmetic, to nearest even, as decode.c's prepare)."""
+    c = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(c).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    return (np.rint(c * inv) * (amax / np.float32(127))).reshape(x.shape)
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits,group,m,n,half,zero", [(4, 32, 37, 96, True, False), (4, 64, 64, 128, False, False),
+                                                       (8, 32, 13, 64, True, False), (8, 128, 40, 256, False, True),
+                                                       (5, 32, 24, 64, True, True), (6, 64, 9, 128, False, False),
+                                                       (4, 32, 16, 256, False, True)])
+def test_int8_prompt_linears_match_numpy(monkeypatch, smollm2_package, bits, group, m, n, half, zero):
+    """The prompts' int8 kernel (vpdpbusd over 4 tokens) on every tile width, asymmetric and symmetric
+    (zero-point) linears, both scale dtypes and padded blocks: exactly the float64 product of the weights
+    with the inputs rounded as ACT_I8 rounds them (measured within 8e-7 of a row's largest output)."""
+    rng = np.random.default_rng(bits * 1000 + m + zero)
+    q = rng.integers(0, 2 ** bits, (m, n), dtype=np.uint32)
+    dt = np.float16 if half else np.float32
+    sc = (rng.random((m, n // group)) * 0.02).astype(dt)
+    bi = (sc * -(1 << (bits - 1))).astype(dt) if zero else (rng.standard_normal((m, n // group)) * 0.1).astype(dt)
+    w = {"t.weight": _pack(q, bits), "t.scales": sc, "t.biases": bi, "t.bias": rng.standard_normal(m).astype(np.float32)}
+    d = native.NativeDecoder(open_package(smollm2_package), threads=2, prompt_act="i8")
+    assert d.prompt_act == "i8"
+    lin = d._linear(SimpleNamespace(quantization={"bits": bits, "group_size": group}), w, "t")
+    assert bool(lin.zero) == zero
+    x = rng.standard_normal((7, n)).astype(np.float32) * rng.random((1, n)).astype(np.float32) * 4  # uneven chunks
+    x[:, 5] = 40.0  # an outlier channel, as real activations have
+    d._batch(False)
+    y = np.empty((7, m), np.float32)
+    assert d.lib.ei_linear_apply_tokens(d._ctx, ctypes.byref(lin), x.ctypes.data, 7, y.ctypes.data) == 0
+    ref = _i8_rounded(x).astype(np.float64) @ _dequantized(w, "t", bits).T + w["t.bias"]
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    d._batch(True)  # back to the step's activations: not the int8 product
+    assert d.lib.ei_linear_apply_tokens(d._ctx, ctypes.byref(lin), x.ctypes.data, 7, y.ctypes.data) == 0
+    exact = x.astype(np.float64) @ _dequantized(w, "t", bits).T + w["t.bias"]
+    assert np.abs(y - exact).max() <= TOL["i16"] * 8 * np.abs(exact).max() < np.abs(ref - exact).max()
+    d.close()
+
+
 @needs_build
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -279,8 +328,8 @@ def test_compact_heads_give_the_stored_results_bit_for_bit(onnx_package, variant
     """Two imports of a GGUF keep less than a scale and a bias per group in the stream: Q5_0 and Q8_0 are
     symmetric (bias -2^(bits-1) x scale: no biases kept, the power of two applied in the kernel), and Q4_K
     and Q5_K store d * sc and -dmin * m (float32), factored back to float16 d and dmin per 8 groups and a
-    byte per sc and m. Steps and many-token forwards over such linears equal, bit for bit, those of the
-    same linears with every scale and bias stored."""
+    byte per sc and m. Steps and many-token forwards (exact, and int8 prompts where the CPU has VNNI) over
+    such linears equal, bit for bit, those of the same linears with every scale and bias stored."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -304,12 +353,12 @@ def test_compact_heads_give_the_stored_results_bit_for_bit(onnx_package, variant
     manifest["files"]["model.safetensors"] = {"bytes": (path / "model.safetensors").stat().st_size}
     (path / "manifest.json").write_text(json.dumps(manifest))
     pkg = open_package(path)
-    compact = native.NativeDecoder(pkg, threads=2)
+    compact = native.NativeDecoder(pkg, threads=2, prompt_act="i8")  # i8 where the CPU has VNNI
     names = native.module_names(pkg)
     assert all((lin.kq, lin.zero) == ((1, 0) if name in kquant else (0, 8)) for name, lin in zip(names, compact._lins))
     assert native.resident_bytes(pkg) == sum(a.nbytes for a in compact._keep)
     monkeypatch.setattr(native, "heads", lambda bits, group, sc, bi: (0, None))
-    stored = native.NativeDecoder(pkg, threads=2)
+    stored = native.NativeDecoder(pkg, threads=2, prompt_act="i8")
     assert not any(lin.kq or lin.zero for lin in stored._lins)
     assert native.resident_bytes(pkg) > sum(a.nbytes for a in compact._keep)
     s = pkg.spec
@@ -318,7 +367,7 @@ def test_compact_heads_give_the_stored_results_bit_for_bit(onnx_package, variant
         k = np.zeros((s.num_layers, 1, s.num_kv_heads, 64, s.head_dim), np.float32)
         v = np.zeros_like(k)
         steps = np.stack([d.step(t, i, k, v) for i, t in enumerate(PROMPT[:9])])
-        outs.append((steps, d.forward(PROMPT[9:30], 9, k, v), k.copy()))
+        outs.append((steps, d.forward(PROMPT[9:30], 9, k, v), k.copy(), d.forward(PROMPT[9:30], 9, k, v, exact=False)))
     for a, b in zip(*outs):
         assert np.array_equal(a, b)
 
@@ -357,6 +406,31 @@ def test_default_path_answers_like_the_exact_model(smollm2_package):
     assert r["max_margin"] < 0.05
     paris = next(row for row in r["rows"] if row["prompt"] == "What is the capital of France?")
     assert "Paris" in paris["answer"]
+    check = m.package.manifest["onnx"]["prompt_check"]  # 8-bit prompts change 3 of SmolLM2's 16 check answers
+    assert not check["passed"] and check["equal"] <= 14 and m.backend.native.prompt_act == "i16"
+
+
+@needs_vnni
+@pytest.mark.slow
+def test_int8_prompts_on_qwen_answer_like_the_exact_model(qwen05_package, tmp_path):
+    """Qwen2.5-Coder 0.5B passes the prompt check (its prompts then run 1.4x faster, docs/BENCHMARKS.md):
+    with int8 prompts its greedy answers to every sixth chat prompt equal the exact model's, bar a near-tie."""
+    import shutil
+
+    from edgeinfer.converters.onnx_export import add_onnx_graph
+    from edgeinfer.evaluate import greedy_agreement
+
+    path = tmp_path / "qwen05"
+    shutil.copytree(qwen05_package, path)
+    add_onnx_graph(path, accuracy_level=1, progress=False)
+    check = json.loads((path / "manifest.json").read_text())["onnx"]["prompt_check"]
+    assert check["passed"] and check["equal"] >= 15, check
+    m = edgeinfer.load(path, backend="onnx", threads=2)
+    assert m.backend.native.prompt_act == "i8"
+    prompts = [x for x in (ROOT / "tests" / "data" / "chat_prompts.txt").read_text().splitlines() if x.strip()][::6]
+    r = greedy_agreement(m, edgeinfer.load(path, backend="mlx"), prompts, max_tokens=32, progress=False)
+    assert r["equal"] >= len(prompts) - 1, [row for row in r["rows"] if not row["equal"]]
+    assert r["max_margin"] < 0.05
 
 
 def test_without_the_library_the_graph_decodes_and_auto_says_why(onnx_package, monkeypatch, capsys):
@@ -375,8 +449,56 @@ def test_without_the_library_the_graph_decodes_and_auto_says_why(onnx_package, m
 
 def test_bad_activation_mode_is_one_clear_error(onnx_package, monkeypatch):
     monkeypatch.setenv("EDGEINFER_NATIVE_ACT", "int4")
-    with pytest.raises(EdgeInferError, match="EDGEINFER_NATIVE_ACT must be one of f32, i16"):
+    with pytest.raises(EdgeInferError, match="EDGEINFER_NATIVE_ACT must be one of f32, i16, not 'int4'"):
         native.NativeDecoder(open_package(onnx_package("llama", 4, 32)))
+    monkeypatch.setenv("EDGEINFER_NATIVE_ACT", "i8")  # prompts only: a step at int8 is not offered
+    with pytest.raises(EdgeInferError, match="EDGEINFER_NATIVE_ACT must be one of f32, i16, not 'i8'"):
+        native.NativeDecoder(open_package(onnx_package("llama", 4, 32)))
+    monkeypatch.delenv("EDGEINFER_NATIVE_ACT")
+    monkeypatch.setenv("EDGEINFER_NATIVE_PROMPT_ACT", "i4")
+    with pytest.raises(EdgeInferError, match="EDGEINFER_NATIVE_PROMPT_ACT must be one of f32, i16, i8, not 'i4'"):
+        native.NativeDecoder(open_package(onnx_package("llama", 4, 32)))
+
+
+@needs_build
+def test_int8_prompts_follow_the_check_and_the_cpu(onnx_package, monkeypatch, tmp_path):
+    """Prompts take int8 only where the package's prompt check passed (or EDGEINFER_NATIVE_PROMPT_ACT says
+    so) and the CPU has AVX512-VNNI; elsewhere the step's activations, silently. Verification and scoring
+    stay the step's bit for bit after an int8 prompt, and the int8 prompt stays near the exact graph."""
+    import shutil
+
+    path = tmp_path / "pkg"
+    shutil.copytree(onnx_package("llama", 4, 32), path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    check = manifest["onnx"].get("prompt_check")
+    assert check and check["prompts"] == len(native.CHECK_PROMPTS) and 0 <= check["equal"] <= check["prompts"]
+    vnni = "avx512_vnni" in native._cpu_flags() and native.variant() == "avx2" and not os.environ.get("EDGEINFER_NO_VNNI")
+    for passed in (False, True):
+        manifest["onnx"]["prompt_check"] = dict(check, passed=passed)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        d = native.NativeDecoder(open_package(path), threads=2)
+        assert d.prompt_act == ("i8" if passed and vnni else "i16")
+        d.close()
+    monkeypatch.setenv("EDGEINFER_NATIVE_PROMPT_ACT", "f32")
+    assert native.NativeDecoder(open_package(path), threads=2).prompt_act == "f32"
+    monkeypatch.delenv("EDGEINFER_NATIVE_PROMPT_ACT")
+    code = (f"import edgeinfer.native as n; from edgeinfer.package import open_package; "
+            f"print(n.NativeDecoder(open_package({str(path)!r}), prompt_act='i8').prompt_act)")
+    env = dict(cli_env(), EDGEINFER_NO_VNNI="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "i16"
+    if not vnni:
+        return
+    m = edgeinfer.load(path, backend="onnx", threads=2)
+    assert m.backend.native.prompt_act == "i8"
+    ids = (PROMPT * 2)[:45]
+    steps = m.backend.new_cache(64)
+    one = np.stack([m.backend.forward([t], steps)[0, 0] for t in ids])
+    c = m.backend.new_cache(64)
+    last = m.backend.forward(ids, c, last_only=True)[0, -1]  # a prompt: int8
+    assert not np.array_equal(last, one[-1]) and np.abs(last - one[-1]).max() < 0.05 * np.abs(one[-1]).max()
+    c = m.backend.new_cache(64)
+    assert np.array_equal(m.backend.forward(ids, c)[0], one)  # scoring: the steps' again
 
 
 @needs_build

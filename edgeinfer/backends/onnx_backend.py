@@ -329,7 +329,10 @@ class ONNXModel:
             if L == 1:
                 logits = self.native.step(int(ids[0, 0]), cache.offset, cache.k_block, cache.v_block)
             else:
-                logits = self.native.forward(ids[0], cache.offset, cache.k_block, cache.v_block, L - 1 if last_only else 0)
+                # a prompt (only its last logits wanted) takes the prompt's activations; verification and
+                # scoring, which read every position, the step's
+                logits = self.native.forward(ids[0], cache.offset, cache.k_block, cache.v_block, L - 1 if last_only else 0,
+                                             exact=not last_only)
             cache.offset += L
             return logits.reshape(1, logits.size // self.spec.vocab_size, -1)
         self._open_session()

@@ -7,7 +7,12 @@ holds something the step does not compute, ``unavailable(pkg)`` says why in one 
 decodes with its graph.
 
 Activations: ``i16`` (default) rounds each 32-input chunk of x to int16 against its own max, ``f32``
-multiplies in float; EDGEINFER_NATIVE_ACT picks. EDGEINFER_NATIVE=off|generic|avx2 picks the build
+multiplies in float; EDGEINFER_NATIVE_ACT picks. A prompt's tokens (``forward`` without ``exact``) take
+``i8`` where the CPU has AVX512-VNNI and the converter's check passed on the model (``check_prompt_act``,
+recorded as the manifest's onnx.prompt_check): int8 inputs per 32-input chunk, as llama.cpp multiplies
+everything, twice the products an instruction. The step, verification and scoring (``exact``) keep the
+step's activations, so a token's logits are the step's bit for bit. EDGEINFER_NATIVE_PROMPT_ACT=i8|i16|f32
+overrides the check. EDGEINFER_NATIVE=off|generic|avx2 picks the build
 (``off`` disables the step). Prompts and draft chains run here too (``forward``, up to 32 tokens a call),
 unless EDGEINFER_NATIVE_PREFILL=off sends them to the exact graph; EDGEINFER_NO_VNNI=1 keeps that batch
 kernel off AVX512-VNNI.
@@ -28,8 +33,8 @@ from ..errors import EdgeInferError
 from ..package import Package
 from ..safetensors_map import drop_pages_of, drop_resident_pages, map_safetensors
 
-ABI = 10
-ACTS = {"f32": 0, "i16": 1}
+ABI = 11
+ACTS = {"f32": 0, "i16": 1, "i8": 2}
 MAX_GROUPS, MAX_CHUNKS, MAX_HEAD_DIM = 1024, 4096, 1024  # decode.c's per-row stack buffers
 
 
@@ -102,6 +107,8 @@ def load_library():
     lib.ei_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
     lib.ei_linear_apply.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.ei_linear_apply_tokens.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.ei_set_batch_act.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.ei_pack_stream.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     _LIB[v] = lib
@@ -261,15 +268,21 @@ def resident_bytes(pkg: Package) -> int:
 class NativeDecoder:
     """``step(token, pos, k_block, v_block) -> logits``, as the sparse engine's, on the native library."""
 
-    def __init__(self, pkg: Package, threads: int | None = None, act: str | None = None):
+    def __init__(self, pkg: Package, threads: int | None = None, act: str | None = None, prompt_act: str | None = None):
         why = unavailable(pkg)
         if why:
             raise EdgeInferError(why)
         self.lib = load_library()
         self.spec = s = pkg.spec
         act = (act or os.environ.get("EDGEINFER_NATIVE_ACT") or "i16").lower()
-        if act not in ACTS:
-            raise EdgeInferError(f"EDGEINFER_NATIVE_ACT must be one of {', '.join(ACTS)}, not {act!r}")
+        if act not in ("f32", "i16"):
+            raise EdgeInferError(f"EDGEINFER_NATIVE_ACT must be one of f32, i16, not {act!r}")
+        # the converter's check (check_prompt_act) decides whether this model's prompts may round to int8
+        check = pkg.manifest.get("onnx", {}).get("prompt_check") or {}
+        prompt = (prompt_act or os.environ.get("EDGEINFER_NATIVE_PROMPT_ACT")
+                  or (check["act"] if check.get("passed") else act)).lower()
+        if prompt not in ACTS:
+            raise EdgeInferError(f"EDGEINFER_NATIVE_PROMPT_ACT must be one of {', '.join(ACTS)}, not {prompt!r}")
         self.act = act
         w = map_safetensors(pkg.weights_path)
         self.tables = t = DecodeTables(pkg, w)
@@ -303,6 +316,9 @@ class NativeDecoder:
         if not self._ctx:
             raise EdgeInferError("the native decode step could not allocate its buffers")
         self._chunk = int(self.lib.ei_max_tokens())
+        # i8 needs AVX512-VNNI (the library says); without it prompts take the step's activations
+        self.prompt_act = prompt if self.lib.ei_set_batch_act(self._ctx, ACTS[prompt]) == 0 else act
+        self._batch_act = self.prompt_act
 
     def _linear(self, pkg: Package, w: dict, name: str) -> _Linear:
         bits, group = _quant(pkg, name)
@@ -337,13 +353,16 @@ class NativeDecoder:
             raise EdgeInferError("the native decode step ran out of memory")
         return logits
 
-    def forward(self, ids, pos: int, kcache: np.ndarray, vcache: np.ndarray, start: int = 0) -> np.ndarray:
+    def forward(self, ids, pos: int, kcache: np.ndarray, vcache: np.ndarray, start: int = 0,
+                exact: bool = True) -> np.ndarray:
         """Tokens ``ids`` at positions pos, pos+1, ... (prefill, or verifying a draft chain), each seeing
         the cache and the tokens before it; writes their keys and values; returns the logits of the tokens
         from ``start`` on, [len(ids) - start, vocab]. The weights are read once per chunk of up to
-        ``ei_max_tokens()`` tokens, and every token's logits are what ``step`` would give it."""
+        ``ei_max_tokens()`` tokens. ``exact``: every token's logits are what ``step`` would give it;
+        otherwise (a prompt) the chunks take ``prompt_act``."""
         if not (kcache.flags.c_contiguous and vcache.flags.c_contiguous and kcache.dtype == np.float32):
             raise EdgeInferError("the native decode step needs contiguous float32 KV buffers")
+        self._batch(exact)
         ids = [int(t) for t in ids]
         n, chunk, V = len(ids), self._chunk, self.spec.vocab_size
         logits = np.empty((max(n - start, 0), V), np.float32)
@@ -366,9 +385,80 @@ class NativeDecoder:
         self.lib.ei_linear_apply(self._ctx, ctypes.byref(lin), x.ctypes.data, y.ctypes.data)
         return y
 
+    def _batch(self, exact: bool) -> None:
+        want = self.act if exact else self.prompt_act
+        if want != self._batch_act:
+            self.lib.ei_set_batch_act(self._ctx, ACTS[want])
+            self._batch_act = want
+
+    def linear_tokens(self, index: int, x: np.ndarray, exact: bool = True) -> np.ndarray:
+        """Module ``index`` applied to the rows of x [T, n_in] (T <= ``ei_max_tokens()``) as ``forward``
+        applies it: for tests and benchmarks."""
+        lin = self._lins[index]
+        x = np.ascontiguousarray(x, np.float32)
+        self._batch(exact)
+        y = np.empty((x.shape[0], lin.m_out), np.float32)
+        if self.lib.ei_linear_apply_tokens(self._ctx, ctypes.byref(lin), x.ctypes.data, x.shape[0], y.ctypes.data):
+            raise EdgeInferError("the native decode step ran out of memory")
+        return y
+
     def close(self) -> None:
         if getattr(self, "_ctx", None):
             self.lib.ei_free(self._ctx)
             self._ctx = None
 
     __del__ = close
+
+
+# Chat prompts for the prompt-activation check, apart from tests/data/chat_prompts.txt (which measures the result)
+CHECK_PROMPTS = (
+    "What is the capital of Germany?", "Name two animals that live in the sea.", "How many hours are in a day?",
+    "What colour do you get by mixing blue and yellow?", "Who discovered penicillin?",
+    "Translate \"good night\" into German.", "What is 9 times 7?", "Give me a word that rhymes with \"light\".",
+    "Write a Python function that checks whether a number is even.", "What is the largest ocean on Earth?",
+    "Explain what a verb is in one sentence.", "What does RAM stand for?", "Why do leaves change colour in autumn?",
+    "Suggest a name for a small grey kitten.", "How do I sort a dictionary by value in Python?",
+    "Write two sentences about the moon.",
+)
+
+
+def check_prompt_act(pkg: Package, act: str = "i8", tokens: int = 16, threads: int | None = None,
+                     progress: bool = True) -> dict | None:
+    """Whether prompts may take ``act`` on this model: the greedy answers (``tokens`` long) to CHECK_PROMPTS
+    with their prompts in ``act`` and the decode steps exact, against the exact model (one exact forward
+    over prompt + answer). Returns {"act", "passed", "equal", "prompts", "tokens", "max_margin"}: passed
+    when at most one answer differs; None when this CPU or build cannot run ``act``. Rounding a prompt's activations to 8 bits leaves Qwen2.5's answers as they
+    were and changes a third of SmolLM2-135M's (docs/BENCHMARKS.md), so it is decided per model."""
+    import sys
+
+    from tqdm import tqdm
+
+    from ..tokenizer import Tokenizer
+
+    nat = NativeDecoder(pkg, threads=threads, prompt_act=act)
+    try:
+        if nat.prompt_act != act:
+            return None
+        tok, s = Tokenizer(pkg.path, pkg.tokenizer_info), pkg.spec
+        equal, margins = 0, []
+        for prompt in tqdm(CHECK_PROMPTS, desc=f"{act} prompt check", unit="prompt", leave=False,
+                           disable=None if progress else True, file=sys.stderr):
+            ids = tok.encode_chat([{"role": "user", "content": prompt}]) if tok.chat_template else tok.encode(prompt)
+            shape = (s.num_layers, 1, s.num_kv_heads, len(ids) + tokens, s.head_dim)
+            k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            answer = [int(nat.forward(ids, 0, k, v, len(ids) - 1, exact=False)[-1].argmax())]
+            for pos in range(len(ids), len(ids) + tokens - 1):
+                answer.append(int(nat.step(answer[-1], pos, k, v).argmax()))
+            k[:], v[:] = 0, 0
+            ref = nat.forward(ids + answer[:-1], 0, k, v, len(ids) - 1, exact=True)
+            diff = np.nonzero(ref.argmax(-1) != np.asarray(answer))[0]
+            if len(diff):
+                t = int(diff[0])
+                margins.append(float(ref[t].max() - ref[t, answer[t]]))
+            else:
+                equal += 1
+        n = len(CHECK_PROMPTS)
+        return {"act": act, "passed": equal >= n - 1, "equal": equal, "prompts": n, "tokens": tokens,
+                "max_margin": round(max(margins, default=0.0), 4)}
+    finally:
+        nat.close()

@@ -30,10 +30,10 @@
 #define EI_AVX2 0
 #endif
 
-#define EI_ABI 10
+#define EI_ABI 11
 #define MAX_THREADS 64
 
-enum { ACT_F32 = 0, ACT_I16 = 1 };
+enum { ACT_F32 = 0, ACT_I16 = 1, ACT_I8 = 2 };
 
 typedef struct {
     const uint8_t *q;      /* one stream per block of 8 rows (see the tiles below), m_out padded to a multiple of 8 */
@@ -267,15 +267,22 @@ static inline float dot(const float *a, const float *b, int n) {
 typedef struct {
     int n, act;
     const float *x;
-    int16_t *xi;          /* ACT_I16: x rounded per 32-input chunk, in the inputs' own order */
-    float *xsc;           /* [n / 32]: the int16 step of each chunk (1 for ACT_F32) */
-    float *sums;          /* [n / 32]: exact float sum of each chunk */
+    int16_t *xi;          /* ACT_I16: x rounded per 32-input chunk, in the inputs' own order; ACT_I8: its bytes
+                           * hold x rounded to int8, each 8 inputs in the order 0 4 1 5 2 6 3 7 (the 4-bit
+                           * tiles' byte order, block8_tokens_i8) */
+    float *xsc;           /* [n / 32]: the integer step of each chunk (1 for ACT_F32) */
+    float *sums;          /* [n / 32]: exact float sum of each chunk; ACT_I8: the sum of the rounded values,
+                           * so that the biases' term sees the x the products saw (w = sc q + bias with q up
+                           * to 255: the exact sum would leave 128 sc times the chunk's rounding error) */
 } act_t;
 
 static void prepare(act_t *a, const float *x, int n, int act) {
     a->n = n; a->act = act; a->x = x;
 #if EI_AVX2
-    if (act == ACT_I16) {
+    if (act == ACT_I16 || act == ACT_I8) {
+        const float top = act == ACT_I8 ? 127.f : 32767.f;
+        const __m256i order = _mm256_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,
+                                               0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
         const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
         for (int c = 0; c < n / 32; c++) {
             const float *v = x + 32 * c;
@@ -286,27 +293,51 @@ static void prepare(act_t *a, const float *x, int n, int act) {
             __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
             h = _mm_max_ps(h, _mm_movehl_ps(h, h));
             float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-            float inv = amax > 0.f ? 32767.f / amax : 0.f;
-            a->xsc[c] = amax / 32767.f;
+            float inv = amax > 0.f ? top / amax : 0.f;
+            a->xsc[c] = amax / top;
             __m256 iv = _mm256_set1_ps(inv);
             /* cvtps rounds to nearest even, as lrintf; packs works per 128-bit lane, the permute restores the order */
             __m256i p01 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v0, iv)), _mm256_cvtps_epi32(_mm256_mul_ps(v1, iv)));
             __m256i p23 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v2, iv)), _mm256_cvtps_epi32(_mm256_mul_ps(v3, iv)));
-            _mm256_storeu_si256((__m256i *)(a->xi + 32 * c), _mm256_permute4x64_epi64(p01, 0xD8));
-            _mm256_storeu_si256((__m256i *)(a->xi + 32 * c + 16), _mm256_permute4x64_epi64(p23, 0xD8));
+            p01 = _mm256_permute4x64_epi64(p01, 0xD8);
+            p23 = _mm256_permute4x64_epi64(p23, 0xD8);
+            if (act == ACT_I8) {  /* the same rounding, then int16 -> int8 in order, then the tiles' byte order */
+                __m256i b = _mm256_permute4x64_epi64(_mm256_packs_epi16(p01, p23), 0xD8);
+                _mm256_storeu_si256((__m256i *)((int8_t *)a->xi + 32 * c), _mm256_shuffle_epi8(b, order));
+                const __m256i one = _mm256_set1_epi16(1);
+                __m256i s8 = _mm256_add_epi32(_mm256_madd_epi16(p01, one), _mm256_madd_epi16(p23, one));
+                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+                s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+                a->sums[c] = (float)_mm_cvtsi128_si32(s4) * a->xsc[c];
+            } else {
+                _mm256_storeu_si256((__m256i *)(a->xi + 32 * c), p01);
+                _mm256_storeu_si256((__m256i *)(a->xi + 32 * c + 16), p23);
+            }
         }
         return;
     }
 #endif
+    static const int order8[8] = {0, 2, 4, 6, 1, 3, 5, 7};  /* input i of 8 goes to byte order8[i] */
+    int8_t *xb = (int8_t *)a->xi;
     for (int c = 0; c < n / 32; c++) {
         const float *v = x + 32 * c;
         float s = 0.f, amax = 0.f;
         for (int i = 0; i < 32; i++) { s += v[i]; float f = fabsf(v[i]); amax = f > amax ? f : amax; }
         a->sums[c] = s;
-        if (act != ACT_I16) { a->xsc[c] = 1.f; continue; }
-        float step = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+        if (act == ACT_F32) { a->xsc[c] = 1.f; continue; }
+        float top = act == ACT_I8 ? 127.f : 32767.f, step = amax / top, inv = amax > 0.f ? top / amax : 0.f;
         a->xsc[c] = step;
-        for (int i = 0; i < 32; i++) a->xi[32 * c + i] = (int16_t)lrintf(v[i] * inv);
+        if (act == ACT_I8) {
+            int isum = 0;
+            for (int i = 0; i < 32; i++) {
+                int r = (int)lrintf(v[i] * inv);
+                xb[32 * c + (i & ~7) + order8[i & 7]] = (int8_t)r;
+                isum += r;
+            }
+            a->sums[c] = (float)isum * step;
+        } else
+            for (int i = 0; i < 32; i++) a->xi[32 * c + i] = (int16_t)lrintf(v[i] * inv);
     }
 }
 
@@ -738,12 +769,103 @@ VNNI_ATTR static void block8_tokens_vnni(const ei_linear *L, const act_t *a, con
     }
     for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));
 }
+
+/* Prefill with int8 inputs (ACT_I8): vpdpbusd multiplies a tile's unsigned weights by signed int8 inputs,
+ * four products a lane, 32 an instruction where vpdpwssd makes 16 (llama.cpp's and genai's arithmetic).
+ * A tile is unpacked into 8 vectors whose 32-bit lane r holds four of row r's weights, in the order
+ * prepare gives the inputs: vector 2l holds inputs 8l + {0, 4, 1, 5}, vector 2l + 1 inputs 8l + {2, 6,
+ * 3, 7}: the 4-bit tile's nibbles 0/2 and 1/3 of each word, a mask each; 8-bit tiles interleave the bytes
+ * of two vectors; 5-bit tiles add their fifth bits to the nibbles. */
+#define SHL16(h, s) ((s) > 0 ? _mm256_slli_epi16(h, (s)) : (s) < 0 ? _mm256_srli_epi16(h, -(s)) : (h))
+VNNI_ATTR static inline void unpack_tile_i8(const uint8_t *t, int bits, __m256i *W) {
+    if (bits == 8) {
+        const __m256i lo = _mm256_set1_epi16(0x00FF), hi = _mm256_set1_epi16((short)0xFF00);
+#pragma GCC unroll 4
+        for (int l = 0; l < 4; l++) {
+            __m256i A = _mm256_loadu_si256((const __m256i *)(t + 64 * l)), B = _mm256_loadu_si256((const __m256i *)(t + 64 * l + 32));
+            W[2 * l] = _mm256_or_si256(_mm256_and_si256(A, lo), _mm256_slli_epi16(B, 8));
+            W[2 * l + 1] = _mm256_or_si256(_mm256_srli_epi16(A, 8), _mm256_and_si256(B, hi));
+        }
+        return;
+    }
+    const __m256i m4 = _mm256_set1_epi8(15);
+#pragma GCC unroll 4
+    for (int l = 0; l < 4; l++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(t + 32 * l));
+        W[2 * l] = _mm256_and_si256(w, m4);
+        W[2 * l + 1] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+    }
+    if (bits == 5) {  /* the fifth bit of nibble k of vector l is bit 4l + k of h: to bit 4 or 12 of the word */
+        const __m256i h = _mm256_loadu_si256((const __m256i *)(t + 128));
+        const __m256i b4 = _mm256_set1_epi16(0x0010), b12 = _mm256_set1_epi16(0x1000);
+#pragma GCC unroll 4
+        for (int l = 0; l < 4; l++) {
+            W[2 * l] = _mm256_or_si256(W[2 * l], _mm256_or_si256(_mm256_and_si256(SHL16(h, 4 - 4 * l), b4),
+                                                                  _mm256_and_si256(SHL16(h, 10 - 4 * l), b12)));
+            W[2 * l + 1] = _mm256_or_si256(W[2 * l + 1], _mm256_or_si256(_mm256_and_si256(SHL16(h, 3 - 4 * l), b4),
+                                                                          _mm256_and_si256(SHL16(h, 9 - 4 * l), b12)));
+        }
+    }
+}
+
+VNNI_ATTR static void block8_tokens_i8(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
+    int G = L->n_in / L->group, cpg = L->group / 32, tb = tile_bytes(L->bits);
+    size_t gb = group_bytes(L);
+    const uint8_t *p = L->q + (size_t)b * block_bytes(L);
+    __m256 acc[TMAX], off[TMAX], sc, bi, kd[2];
+    __m256i W[8];
+    for (int t = 0; t < T; t++) acc[t] = off[t] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++, p += (size_t)cpg * tb) {
+        for (size_t o = 0; o < gb; o += 64) _mm_prefetch((const char *)p + PREFETCH + o, _MM_HINT_T0);
+        p = head8(L, p, g, &sc, &bi, kd);
+        for (int t = 0; t < T; t++) off[t] = _mm256_fmadd_ps(bi, _mm256_set1_ps(gs[(size_t)t * G + g]), off[t]);
+        const uint8_t *tt = p;
+        for (int k = 0; k < cpg; k++, tt += tb) {
+            int c = g * cpg + k, t = 0;
+            unpack_tile_i8(tt, L->bits, W);
+            for (; t + 4 <= T; t += 4) {
+                const int16_t *x0 = (const int16_t *)((const int8_t *)a[t].xi + 32 * c), *x1 = (const int16_t *)((const int8_t *)a[t + 1].xi + 32 * c),
+                              *x2 = (const int16_t *)((const int8_t *)a[t + 2].xi + 32 * c), *x3 = (const int16_t *)((const int8_t *)a[t + 3].xi + 32 * c);
+                __m256i d[8];
+                for (int i = 0; i < 8; i++) d[i] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+                for (int q = 0; q < 8; q += 2) {  /* bcast_pair(x, q) is bytes 4q .. 4q + 3 of the chunk */
+                    d[0] = _mm256_dpbusd_epi32(d[0], W[q], bcast_pair(x0, q));
+                    d[1] = _mm256_dpbusd_epi32(d[1], W[q], bcast_pair(x1, q));
+                    d[2] = _mm256_dpbusd_epi32(d[2], W[q], bcast_pair(x2, q));
+                    d[3] = _mm256_dpbusd_epi32(d[3], W[q], bcast_pair(x3, q));
+                    d[4] = _mm256_dpbusd_epi32(d[4], W[q + 1], bcast_pair(x0, q + 1));
+                    d[5] = _mm256_dpbusd_epi32(d[5], W[q + 1], bcast_pair(x1, q + 1));
+                    d[6] = _mm256_dpbusd_epi32(d[6], W[q + 1], bcast_pair(x2, q + 1));
+                    d[7] = _mm256_dpbusd_epi32(d[7], W[q + 1], bcast_pair(x3, q + 1));
+                }
+                for (int i = 0; i < 4; i++)
+                    acc[t + i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[i], d[i + 4])),
+                                                 _mm256_mul_ps(sc, _mm256_set1_ps(a[t + i].xsc[c])), acc[t + i]);
+            }
+            for (; t < T; t++) {
+                const int16_t *x = (const int16_t *)((const int8_t *)a[t].xi + 32 * c);
+                __m256i d0 = _mm256_setzero_si256(), d1 = d0;
+                for (int q = 0; q < 8; q += 2) {
+                    d0 = _mm256_dpbusd_epi32(d0, W[q], bcast_pair(x, q));
+                    d1 = _mm256_dpbusd_epi32(d1, W[q + 1], bcast_pair(x, q + 1));
+                }
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)),
+                                         _mm256_mul_ps(sc, _mm256_set1_ps(a[t].xsc[c])), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) _mm256_storeu_ps(out + RB * t, _mm256_add_ps(acc[t], off[t]));
+}
 #endif
 #endif
 
 static void block8_tokens(const ei_linear *L, const act_t *a, const float *gs, int T, int b, float *out) {
     int G = L->n_in / L->group;
 #if EI_AVX2
+#if defined(EI_VNNI)
+    if (a[0].act == ACT_I8) { block8_tokens_i8(L, a, gs, T, b, out); return; }  /* only where has_vnni */
+#endif
     if (a[0].act == ACT_I16) {
 #if defined(EI_VNNI)
         if (has_vnni()) { block8_tokens_vnni(L, a, gs, T, b, out); return; }
@@ -806,7 +928,7 @@ static void lin_task(void *arg, int item) {
 typedef struct {
     const ei_model *m;
     pool_t *pool;
-    int act;
+    int act, bact;  /* the step's activations, and those of several tokens (ei_set_batch_act) */
     int64_t cap;
     float *h, *q, *k, *v, *att, *o, *g, *u, *d, *probs, *cosb, *sinb;
     act_t a;
@@ -839,7 +961,7 @@ static void rope(float *v, const float *cs, const float *sn, int half) {
 /* Several linears reading one input, T tokens of it (x [T][n], outs [T][m_out]). */
 static void linears_tokens(ei_ctx *c, const float *x, int T, int n, const ei_linear **mods, float **outs, int nmod) {
     act_t *a = T == 1 ? &c->a : c->ba;
-    for (int t = 0; t < T; t++) prepare(a + t, x + (size_t)t * n, n, c->act);
+    for (int t = 0; t < T; t++) prepare(a + t, x + (size_t)t * n, n, T == 1 ? c->act : c->bact);
     lin_job j = {.nmod = nmod, .a = a, .T = T};
     for (int k = 0; T > 1 && k < nmod; k++) {  /* as linear_rows computes them, once for every block */
         int G = mods[k]->n_in / mods[k]->group, cpg = mods[k]->group / 32;
@@ -959,7 +1081,7 @@ void ei_free(ei_ctx *c) {
 ei_ctx *ei_new(const ei_model *m, int threads, int act) {
     ei_ctx *c = calloc(1, sizeof *c);
     if (!c) return NULL;
-    c->m = m; c->act = act;
+    c->m = m; c->act = c->bact = act;
     int H = m->hidden, I = m->inter, D = m->head_dim, nmax = H > I ? H : I;
     for (int i = 0; i < m->layers * 7 + 1; i++) if (m->lin[i].n_in > nmax) nmax = m->lin[i].n_in;
     c->h = calloc(H, 4); c->q = calloc((size_t)m->heads * D, 4); c->k = calloc((size_t)m->kv_heads * D, 4);
@@ -1102,11 +1224,34 @@ int ei_forward(ei_ctx *c, float *x, int T, int64_t pos0, float *kblock, float *v
 
 int ei_max_tokens(void) { return TMAX; }
 
+/* The activations of ei_forward's calls of several tokens from now on: ACT_I8 (the prompt's) only where
+ * the CPU has AVX512-VNNI; -1 otherwise, and nothing changes. */
+int ei_set_batch_act(ei_ctx *c, int act) {
+#if defined(EI_VNNI)
+    int i8 = has_vnni();
+#else
+    int i8 = 0;
+#endif
+    if (act < ACT_F32 || act > ACT_I8 || (act == ACT_I8 && !i8)) return -1;
+    c->bact = act;
+    return 0;
+}
+
 /* One linear alone (tests and benchmarks): y = W x for the rows [0, m_out). */
 int ei_linear_apply(ei_ctx *c, const ei_linear *L, const float *x, float *y) {
     const ei_linear *mods[1] = {L};
     float *outs[1] = {y};
     linears(c, x, L->n_in, mods, outs, 1);
+    return 0;
+}
+
+/* The same for T tokens (x [T][n_in], y [T][m_out]) with the batch's activations; -1 when out of memory. */
+int ei_linear_apply_tokens(ei_ctx *c, const ei_linear *L, const float *x, int T, float *y) {
+    if (T < 1 || T > TMAX) return -2;
+    if (T > 1 && batch_alloc(c)) return -1;
+    const ei_linear *mods[1] = {L};
+    float *outs[1] = {y};
+    linears_tokens(c, x, T, L->n_in, mods, outs, 1);
     return 0;
 }
 
