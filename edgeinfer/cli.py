@@ -222,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speculative(p)
     _add_moe(p)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+                       description="Serve one model over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions "
+                                   "(streaming or not), GET /v1/models, /health and /metrics (Prometheus). Binds to loopback "
+                                   "unless --host says otherwise; generations run one at a time, in arrival order, and a request "
+                                   "that extends the previous conversation prefills only its new tokens. Ctrl-C or SIGTERM stops it.")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=whole(0), default=8080, help="TCP port (default 8080; 0 picks a free one)")
+    p.add_argument("--max-body", type=size, default=None, metavar="SIZE", help="largest request body (default 4MB)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no access log")
+    _add_memory(p)
+
     p = sub.add_parser("plan", help="how a model fits a memory budget, and what it gives up to fit",
                        description="Print the memory plan: bytes for the weights (exact, from the package), the KV cache per "
                                    "token and at the context, activations and workspace, and what was chosen to fit the "
@@ -419,6 +431,20 @@ def cmd_chat(a) -> int:
     return run_chat(m, a, _sampling(a))
 
 
+def cmd_serve(a) -> int:
+    from edgeinfer.apps.serve import MAX_BODY_BYTES, serve
+
+    if a.port > 65535:
+        raise EdgeInferError(f"--port must be at most 65535, not {a.port}")
+    m = _load(a)
+    from .memory import parse_budget
+
+    if a.max_body and a.max_body.endswith("%"):
+        raise EdgeInferError(f"--max-body takes a size like 4MB, not {a.max_body!r}")
+    max_body = parse_budget(a.max_body, total=1 << 40) if a.max_body else MAX_BODY_BYTES
+    return serve(m, host=a.host, port=a.port, max_body=int(max_body), quiet=a.quiet)
+
+
 def cmd_models(a) -> int:
     from edgeinfer.apps.resolve import models_dir
     from edgeinfer.converters.fetch import load_catalog
@@ -549,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         a = ap.parse_args(argv)  # a bad flag: a UsageError, printed below like every other error
         return {"convert": cmd_convert, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval,
                 "models": cmd_models, "plan": cmd_plan, "bench": cmd_bench,
-                "meters": cmd_meters, "profile": cmd_profile, "sparsify": cmd_sparsify,
+                "meters": cmd_meters, "serve": cmd_serve, "profile": cmd_profile, "sparsify": cmd_sparsify,
                 "scenario": cmd_scenario}[a.cmd](a)
     except EdgeInferError as e:
         print(f"edgeinfer: {e}", file=sys.stderr)
