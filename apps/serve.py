@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions, POST /v1/completions   streaming (SSE, ``data: [DONE]``) or not
     GET  /v1/models, GET /health, GET /metrics        (Prometheus text)
+    GET  /                                            a chat page (apps/static/chat.html, self-contained)
 
 One model per server. Generations run one at a time on a single worker thread (the model and its KV
 cache are not thread-safe); requests wait their turn in arrival order. The model keeps the previous
@@ -21,6 +22,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgeinfer.errors import EdgeInferError
 
@@ -140,8 +142,6 @@ class Job:
 
 class Server:
     def __init__(self, model, name: str | None = None, max_body: int = MAX_BODY_BYTES):
-        from pathlib import Path
-
         self.model = model
         # the package's folder name (models/NAME): what -m takes, and what a client can type
         self.name = name or Path(model.package.path).name
@@ -170,7 +170,8 @@ class Server:
             s = m.stats
             job.stats = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.generated_tokens,
                          "cached_tokens": s.reused_tokens, "finish_reason": s.finish_reason,
-                         "ttft": s.ttft, "decode_seconds": s.decode_seconds}
+                         "ttft": s.ttft, "decode_seconds": s.decode_seconds, "decode_tps": s.decode_tps,
+                         "joules": s.energy_joules, "energy_source": s.energy_source}
             emit("done", None)
         except EdgeInferError as e:
             emit("error", RequestError(400, str(e)))
@@ -270,11 +271,22 @@ def _usage(st: dict) -> dict:
             "prompt_tokens_details": {"cached_tokens": st.get("cached_tokens", 0)}}
 
 
+def _timing(st: dict, backend: str) -> dict:
+    """edgeinfer's own figures of an answer, beside OpenAI's fields (clients ignore what they do not know)."""
+    n, j = st.get("completion_tokens", 0), st.get("joules")
+    return {"ttft_ms": round(1000 * st.get("ttft", 0.0), 1), "decode_tokens_per_second": round(st.get("decode_tps", 0.0), 2),
+            "joules": None if j is None else round(j, 4), "joules_per_token": None if j is None or not n else round(j / n, 5),
+            "energy_source": st.get("energy_source") or None, "backend": backend}
+
+
+PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
+
+
 def build_app(server: Server):
     """The starlette application around ``server``."""
     from starlette.applications import Starlette
     from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
     def error(e: RequestError, endpoint: str) -> JSONResponse:
@@ -328,7 +340,7 @@ def build_app(server: Server):
                     return error(e, endpoint)
                 server.metrics.count(endpoint, 200)
                 return JSONResponse({**head, "object": kind, "choices": [choice(text, _finish(job.stats.get("finish_reason")), False)],
-                                     "usage": _usage(job.stats)})
+                                     "usage": _usage(job.stats), "edgeinfer": _timing(job.stats, server.model.backend_name)})
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -342,7 +354,8 @@ def build_app(server: Server):
                                                                                  "finish_reason": None}]})
                     async for delta in server.generate(job):
                         yield event({**head, "object": chunk_kind, "choices": [choice(delta, None, True)]})
-                    yield event({**head, "object": chunk_kind, "choices": [choice(None, _finish(job.stats.get("finish_reason")), True)]})
+                    yield event({**head, "object": chunk_kind, "choices": [choice(None, _finish(job.stats.get("finish_reason")), True)],
+                                 "edgeinfer": _timing(job.stats, server.model.backend_name)})
                     if include_usage:
                         yield event({**head, "object": chunk_kind, "choices": [], "usage": _usage(job.stats)})
                     yield "data: [DONE]\n\n"
@@ -361,6 +374,9 @@ def build_app(server: Server):
         return JSONResponse({"object": "list", "data": [{"id": server.name, "object": "model", "created": server.created,
                                                          "owned_by": "edgeinfer"}]})
 
+    async def page(request: Request):
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": server.name, "backend": server.model.backend_name})
 
@@ -372,7 +388,8 @@ def build_app(server: Server):
                                        "type": "invalid_request_error", "param": None, "code": "not_found"}},
                             status_code=getattr(exc, "status_code", 404))
 
-    routes = [Route("/v1/chat/completions", completion_handler(True), methods=["POST"]),
+    routes = [Route("/", page, methods=["GET"]),
+              Route("/v1/chat/completions", completion_handler(True), methods=["POST"]),
               Route("/v1/completions", completion_handler(False), methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
               Route("/health", health, methods=["GET"]),

@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=whole(0), default=8080, help="TCP port (default 8080; 0 picks a free one)")
     p.add_argument("--max-body", type=size, default=None, metavar="SIZE", help="largest request body (default 4MB)")
     p.add_argument("-q", "--quiet", action="store_true", help="no access log")
+    _add_meter(p)
     _add_memory(p)
 
     p = sub.add_parser("plan", help="how a model fits a memory budget, and what it gives up to fit",
@@ -434,14 +435,15 @@ def cmd_chat(a) -> int:
 def cmd_serve(a) -> int:
     from edgeinfer.apps.serve import MAX_BODY_BYTES, serve
 
-    if a.port > 65535:
-        raise EdgeInferError(f"--port must be at most 65535, not {a.port}")
-    m = _load(a)
     from .memory import parse_budget
 
+    if a.port > 65535:
+        raise EdgeInferError(f"--port must be at most 65535, not {a.port}")
     if a.max_body and a.max_body.endswith("%"):
         raise EdgeInferError(f"--max-body takes a size like 4MB, not {a.max_body!r}")
     max_body = parse_budget(a.max_body, total=1 << 40) if a.max_body else MAX_BODY_BYTES
+    m = _load(a)
+    _attach_meter(m, a)
     return serve(m, host=a.host, port=a.port, max_body=int(max_body), quiet=a.quiet)
 
 

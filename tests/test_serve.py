@@ -4,8 +4,10 @@ temperature 0 are checked against the same request run in this process on the sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,13 +246,80 @@ def test_a_taken_port_is_one_clear_error(served, tiny):
     assert r.stderr.strip().splitlines()[-1].startswith(f"edgeinfer: cannot listen on 127.0.0.1:{port}")
 
 
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@contextlib.contextmanager
+def _page(url: str):
+    """The chat page at ``url`` in a real headless Chromium (playwright driving the system's browser)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no Chromium here (apt-get install chromium; make setup-test installs it as root)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').options.length > 0")
+            yield page
+        finally:
+            browser.close()
+
+
+def _ask(page, text: str, temperature: float, max_tokens: int) -> None:
+    page.fill("#temperature", str(temperature))
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+STATS_LINE = re.compile(r"\d+ tokens · TTFT \d+ ms · [\d.]+ tok/s(?: · [\d.]+ J/token \([\w-]+\))? · \d+ of \d+ prompt tokens cached")
+
+
+def test_the_chat_page_in_chromium(served, local):
+    """Ask on the page (Enter sends): the streamed answer is the API's at temperature 0, the stats line
+    follows it, and a second question in the same chat reuses the cache."""
+    with _page(served.url) as page:
+        assert page.input_value("#model") == served.name
+        _ask(page, "hello there", 0, 24)
+        page.wait_for_selector(".assistant[data-done=complete]", timeout=60000)
+        assert page.evaluate("messages[1].content") == _chat(local, [{"role": "user", "content": "hello there"}], 24)
+        assert STATS_LINE.fullmatch(page.inner_text(".assistant .stats").strip())
+        assert page.is_enabled("#send") and not page.is_enabled("#stop")
+        _ask(page, "and then?", 0, 8)
+        page.wait_for_selector(".assistant:nth-of-type(4)[data-done=complete]", timeout=60000)
+        cached = int(re.search(r"(\d+) of \d+ prompt tokens cached", page.inner_text(".assistant:nth-of-type(4) .stats")).group(1))
+        assert cached > 0
+        assert page.inner_text("#error") == ""
+
+
 @pytest.mark.slow
-def test_smollm2_answers_over_http(smollm2_package):
+def test_smollm2_over_http_and_on_the_page(smollm2_package, tmp_path):
+    """SmolLM2 answers the API, and on the page a long answer stops mid-way at Stop: the server's
+    generation ends too, and the page takes the next question. The screenshot is the docs' picture."""
     s = Served(smollm2_package)
     try:
         r = s.client().chat.completions.create(model=s.name, messages=[{"role": "user", "content": "What is the capital of France?"}],
                                                max_tokens=16, temperature=0)
         assert "Paris" in r.choices[0].message.content
+        with _page(s.url) as page:
+            _ask(page, "Write a Python function that reverses a string, with a short explanation.", 0, 160)
+            page.wait_for_selector(".assistant[data-done=complete]", timeout=120000)
+            assert page.locator(".assistant pre code").count() >= 1  # the answer's code block, rendered
+            page.screenshot(path=str(tmp_path / "chat.png"))
+            _ask(page, "Now tell me a very long story about a dragon.", 0.7, 400)
+            page.wait_for_function("document.querySelectorAll('.assistant')[1].querySelector('.body').textContent.length > 20",
+                                   timeout=60000)
+            page.click("#stop")
+            page.wait_for_selector(".assistant[data-done=stopped]", timeout=30000)
+            assert "stopped" in page.inner_text(".assistant[data-done=stopped] .stats")
+            deadline = time.time() + 30
+            while s.metric("queue_depth") and time.time() < deadline:
+                time.sleep(0.05)
+            assert s.metric("queue_depth") == 0 and page.is_enabled("#send")
+        assert (tmp_path / "chat.png").stat().st_size > 10000
     finally:
         assert s.stop() == 0
 
