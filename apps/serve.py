@@ -34,9 +34,9 @@ class RequestError(Exception):
     """A request the server refuses: HTTP status, OpenAI error type and code, the offending parameter."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", retry_after: int | None = None):
         super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.status, self.param, self.code, self.kind, self.retry_after = status, param, code, kind, retry_after
 
 
 @dataclass
@@ -141,13 +141,15 @@ class Job:
 
 
 class Server:
-    def __init__(self, model, name: str | None = None, max_body: int = MAX_BODY_BYTES):
+    def __init__(self, model, name: str | None = None, max_body: int = MAX_BODY_BYTES, max_queue: int = 16):
         self.model = model
         # the package's folder name (models/NAME): what -m takes, and what a client can type
         self.name = name or Path(model.package.path).name
         self.aliases = {self.name, model.name}
         self.max_body = max_body
+        self.max_queue = max_queue  # requests waiting or running; past it, 503 with a Retry-After
         self.metrics = Metrics()
+        self.busy_seconds: list[float] = []  # recent requests' time on the worker, for Retry-After
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeinfer-generate")
         self.created = int(time.time())
 
@@ -190,6 +192,11 @@ class Server:
             except RuntimeError:  # the loop is gone (shutdown): nobody is listening
                 job.cancel.set()
 
+        if self.metrics.queued >= self.max_queue:
+            recent = self.busy_seconds[-16:]
+            wait = max(1, round(self.metrics.queued * (sum(recent) / len(recent) if recent else 1.0)))
+            raise RequestError(503, f"the server is busy: {self.metrics.queued} requests are queued (at most {self.max_queue}); "
+                               f"retry in about {wait} s", code="server_busy", kind="server_error", retry_after=wait)
         self.metrics.queued += 1
         self.pool.submit(self._run, job, emit)
         try:
@@ -205,6 +212,8 @@ class Server:
             job.cancel.set()
             self.metrics.queued -= 1
         st = job.stats
+        if st:
+            self.busy_seconds = self.busy_seconds[-63:] + [st["ttft"] + st["decode_seconds"]]
         if st:
             mt = self.metrics
             mt.prompt_tokens += st["prompt_tokens"]
@@ -292,7 +301,7 @@ def build_app(server: Server):
     def error(e: RequestError, endpoint: str) -> JSONResponse:
         server.metrics.count(endpoint, e.status)
         return JSONResponse({"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}},
-                            status_code=e.status)
+                            status_code=e.status, headers={"Retry-After": str(e.retry_after)} if e.retry_after else None)
 
     async def read_json(request: Request) -> dict:
         size = request.headers.get("content-length")
@@ -347,12 +356,24 @@ def build_app(server: Server):
             def event(obj) -> str:
                 return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+            # the first delta is awaited before the headers go out, so that a refusal (503 when the queue is
+            # full) or an error before any text still gets its own status
+            deltas = server.generate(job)
+            try:
+                first = [await deltas.__anext__()]
+            except StopAsyncIteration:
+                first = []
+            except RequestError as e:
+                return error(e, endpoint)
+
             async def events():
                 try:
                     if chat:
                         yield event({**head, "object": chunk_kind, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                                                  "finish_reason": None}]})
-                    async for delta in server.generate(job):
+                    for delta in first:
+                        yield event({**head, "object": chunk_kind, "choices": [choice(delta, None, True)]})
+                    async for delta in deltas:
                         yield event({**head, "object": chunk_kind, "choices": [choice(delta, None, True)]})
                     yield event({**head, "object": chunk_kind, "choices": [choice(None, _finish(job.stats.get("finish_reason")), True)],
                                  "edgeinfer": _timing(job.stats, server.model.backend_name)})
@@ -363,6 +384,8 @@ def build_app(server: Server):
                 except RequestError as e:  # after the headers: the error goes in the stream, as OpenAI's does
                     server.metrics.count(endpoint, e.status)
                     yield event({"error": {"message": str(e), "type": e.kind, "param": e.param, "code": e.code}})
+                finally:
+                    await deltas.aclose()  # a client that left: the worker stops at its next token
 
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -397,14 +420,15 @@ def build_app(server: Server):
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
 
-def serve(model, host: str = "127.0.0.1", port: int = 8080, max_body: int = MAX_BODY_BYTES, quiet: bool = False) -> int:
+def serve(model, host: str = "127.0.0.1", port: int = 8080, max_body: int = MAX_BODY_BYTES, max_queue: int = 16,
+          quiet: bool = False) -> int:
     """Runs the server until SIGINT/SIGTERM; in-flight requests get a few seconds to finish."""
     import socket
     import sys
 
     import uvicorn
 
-    server = Server(model, max_body=max_body)
+    server = Server(model, max_body=max_body, max_queue=max_queue)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

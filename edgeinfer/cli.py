@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=whole(0), default=8080, help="TCP port (default 8080; 0 picks a free one)")
     p.add_argument("--max-body", type=size, default=None, metavar="SIZE", help="largest request body (default 4MB)")
+    p.add_argument("--max-queue", type=whole(1), default=16, metavar="N",
+                   help="requests waiting or running at once; the next gets 503 with a Retry-After (default 16)")
     p.add_argument("-q", "--quiet", action="store_true", help="no access log")
     _add_meter(p)
     _add_memory(p)
@@ -444,7 +446,7 @@ def cmd_serve(a) -> int:
     max_body = parse_budget(a.max_body, total=1 << 40) if a.max_body else MAX_BODY_BYTES
     m = _load(a)
     _attach_meter(m, a)
-    return serve(m, host=a.host, port=a.port, max_body=int(max_body), quiet=a.quiet)
+    return serve(m, host=a.host, port=a.port, max_body=int(max_body), max_queue=a.max_queue, quiet=a.quiet)
 
 
 def cmd_models(a) -> int:

@@ -238,6 +238,32 @@ def test_sigterm_during_a_stream_ends_cleanly(tiny):
     assert "stopped (SIGTERM)" in "".join(s.log)
 
 
+def test_a_full_queue_is_503_with_retry_after(tiny):
+    s = Served(tiny, "--max-queue", "1")
+    try:
+        body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 200, "stream": True, "temperature": 1.0, "seed": 5}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            busy = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+            assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
+            assert busy.json()["error"]["code"] == "server_busy"
+            assert sum(1 for line in r.iter_lines() if line.startswith("data:")) > 2
+        deadline = time.time() + 30
+        while s.metric("queue_depth") and time.time() < deadline:
+            time.sleep(0.05)
+        ok = httpx.post(s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert ok.status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_an_impossible_budget_is_refused_before_serving(tiny):
+    r = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "serve", "-m", str(tiny), "--port", "0", "--memory-budget", "1MB"],
+                       capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 2 and "serving" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("edgeinfer: ")
+
+
 def test_a_taken_port_is_one_clear_error(served, tiny):
     port = served.url.rsplit(":", 1)[1]
     r = subprocess.run([sys.executable, "-m", "edgeinfer.cli", "serve", "-m", str(tiny), "--port", port],
