@@ -48,7 +48,8 @@ def test_wheel_builds_without_package_warnings_and_carries_the_data(tmp_path):
     want = set()
     for f in files:
         top, _, rest = f.partition("/")
-        if f.endswith(".py") or "/scenario/builtin/" in f or "/scenario/data/" in f:
+        if f.endswith(".py") or "/scenario/builtin/" in f or "/scenario/data/" in f or "apps/static/" in f:
             want.add(f"{DIRS[top]}/{rest}")
     assert any("/scenario/builtin/" in w for w in want) and any("/scenario/data/speech/" in w for w in want)
+    assert "edgeinfer/apps/static/chat.html" in want
     assert sorted(want - names) == []
